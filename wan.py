@@ -1,0 +1,540 @@
+"""Wan2.2 in one file: config presets, the diffusion transformer (DiT), LoRA, loading.
+
+Later sections of this file hold the VAEs (Wan2.2 and Wan2.1), the umT5 text encoder, the
+flow-matching schedule and solvers, and the image-to-video sampling loop.
+
+Official code: https://github.com/Wan-Video/Wan2.2 (wan/modules/model.py). Parameter names
+match the released checkpoints, so `load_state_dict(official, strict=True)` needs no renaming.
+
+Conventions used everywhere in this file:
+  * video tensors are (B, C, F, H, W); pixels are in [-1, 1];
+  * time runs from t=1 (pure noise) to t=0 (data); the DiT sees t*1000 (the official
+    "timestep"), the flow-matching sigma is t itself: x_t = (1 - sigma) * x_0 + sigma * noise,
+    and the model predicts the velocity v = noise - x_0.
+"""
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# -----------------------------------------------------------------------------
+# Config presets
+
+
+@dataclass
+class WanConfig:
+    # The official WanModel constructor arguments (wan/modules/model.py), same names.
+    model_type: str = "ti2v"          # "ti2v" (TI2V-5B) or "i2v" (I2V-A14B experts)
+    patch_size: tuple = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 48
+    dim: int = 3072
+    ffn_dim: int = 14336
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 48
+    num_heads: int = 24
+    num_layers: int = 30
+    window_size: tuple = (-1, -1)     # accepted for compatibility; only (-1, -1) (global) is used
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    # Ours: everything else a preset needs.
+    name: str = "5b"
+    repo: str = "Wan-AI/Wan2.2-TI2V-5B"   # Hugging Face repo with the official weights
+    experts: tuple = ()               # A14B: subfolders (high noise, low noise); () = one model
+    boundary: float = 0.0             # A14B: high-noise expert while t >= boundary (t in [0, 1])
+    vae: str = "2.2"                  # "2.2" (z 48, stride 4x16x16) or "2.1" (z 16, stride 4x8x8)
+    vae_kwargs: dict = field(default_factory=dict)   # overrides of the VAE constructor (tiny)
+    t5_kwargs: dict = field(default_factory=dict)    # overrides of the T5 constructor (tiny)
+    vae_stride: tuple = (4, 16, 16)
+    sample_steps: int = 50
+    sample_shift: float = 5.0
+    sample_guide_scale: float = 5.0
+    sample_fps: int = 24
+    frame_num: int = 121
+    size: tuple = (704, 1280)         # default (height, width)
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        self.window_size = tuple(self.window_size)
+        self.experts = tuple(self.experts)
+        self.vae_stride = tuple(self.vae_stride)
+        self.size = tuple(self.size)
+
+    @classmethod
+    def from_dict(cls, d, **overrides):
+        """An official `config.json` (keys starting with "_" are diffusers bookkeeping) or ours."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown WanConfig fields {unknown}")
+        return cls(**{**d, **overrides})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+CONFIGS = {
+    # TI2V-5B: the Wan2.2 VAE's first latent frame carries the image; per-token timesteps.
+    "5b": WanConfig(),
+    # I2V-A14B: two experts of this shape (high noise, low noise), image channels in y.
+    "a14b": WanConfig(
+        model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40,
+        num_layers=40, name="a14b", repo="Wan-AI/Wan2.2-I2V-A14B",
+        experts=("high_noise_model", "low_noise_model"), boundary=0.9, vae="2.1",
+        vae_stride=(4, 8, 8), sample_steps=40, sample_guide_scale=3.5, sample_fps=16,
+        frame_num=81, size=(480, 832)),
+    # A TI2V-layout model small enough for CPU tests and the demo (head_dim 32 as a stand-in).
+    "tiny": WanConfig(
+        in_dim=16, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
+        num_layers=2, text_len=32, name="tiny", repo="", vae_stride=(4, 8, 8),
+        vae_kwargs=dict(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1),
+        t5_kwargs=dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
+                       num_buckets=8),
+        sample_steps=8, sample_guide_scale=1.0, sample_fps=8, frame_num=9, size=(64, 64)),
+}
+
+
+def get_config(name, **overrides):
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)
+
+
+# -----------------------------------------------------------------------------
+# DiT math helpers
+
+
+def sinusoid(dim, t):
+    """Timestep embedding as the official code computes it: float64, cos half then sin half."""
+    half = dim // 2
+    t = t.double()
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angle = t[..., None] * freqs
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+def rope_cos_sin(grid, head_dim, device, theta=10000.0):
+    """3-D RoPE tables for a (f, h, w) token grid: cos and sin of shape (L, head_dim // 2).
+
+    The head's complex pairs are split over frame, height and width as the official code does
+    ([22, 21, 21] pairs for head_dim 128). Angles are computed in float64 like the official
+    code; the rotation itself is applied in float32 (official: float64), an ~1 ulp difference.
+    """
+    c = head_dim // 2
+    splits = (c - 2 * (c // 3), c // 3, c // 3)
+    angles = []
+    for n, pairs, axis in zip(grid, splits, range(3)):
+        inv = 1.0 / theta ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=device)
+                              / (2 * pairs))
+        a = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv  # (n, pairs)
+        shape = [1, 1, 1, pairs]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, pairs))
+    angle = torch.cat(angles, dim=-1).reshape(-1, c)  # (f*h*w, c)
+    return angle.cos().float(), angle.sin().float()
+
+
+def rope_apply(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, L, heads, head_dim) by the table angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, L, heads, head_dim // 2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def no_autocast(device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# DiT modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, as the official WanLayerNorm."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class Attention(nn.Module):
+    """Self- (RoPE) or cross-attention; q and k are RMS-normalised over the whole dim."""
+
+    def __init__(self, dim, num_heads, qk_norm=True, eps=1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, context=None, rope=None):
+        ctx = x if context is None else context
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))    # (B, L, heads, d)
+        k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))  # (B, Lc, heads, d)
+        v = self.v(ctx).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = rope_apply(q, *rope), rope_apply(k, *rope)
+        # Official code upcasts q, k to float32 after RoPE; keep v's dtype for the kernel.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))  # (B, L, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        # Learned offsets added to the time projection: shift/scale/gate for attention and FFN.
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, rope):
+        # x (B, L, dim) float32 residual stream; e0 (B, L or 1, 6, dim) float32.
+        with no_autocast(x.device):
+            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).unbind(2)
+        x = x + self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope=rope) * gate1
+        x = x + self.cross_attn(self.norm3(x), context=context)  # ungated, as in the official code
+        x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        with no_autocast(x.device):  # the official head runs in float32
+            shift, scale = (self.modulation + e[:, :, None]).unbind(2)
+            return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class WanModel(nn.Module):
+    """The Wan2.2 DiT. forward(x, t, context, y=None) -> velocity (B, out_dim, F, H, W).
+
+    x: (B, C, F, H, W) noisy latent; t: (B,) or per-token (B, L) timesteps in [0, 1000];
+    context: (B, L_text, text_dim), zero-padded (the official model pads to text_len and
+    attends to the padding, no mask) or a list of (L_i, text_dim); y: I2V-A14B condition
+    channels, concatenated to x.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        assert cfg.dim % cfg.num_heads == 0 and (cfg.dim // cfg.num_heads) % 2 == 0
+        # Kernel == stride, so this Conv3d is a linear map on patches; kept for the key name.
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self):
+        """The official initialisation; the head starts at zero so a new model predicts v = 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def check_inputs(self, x, t, context, y):
+        cfg, (pt, ph, pw) = self.cfg, self.cfg.patch_size
+        if x.ndim != 5:
+            raise ValueError(f"x must be (B, C, F, H, W), got shape {tuple(x.shape)}")
+        c = x.shape[1] + (0 if y is None else y.shape[1])
+        if c != cfg.in_dim:
+            extra = "" if y is None else f" ({x.shape[1]} in x + {y.shape[1]} in y)"
+            raise ValueError(f"latent has {c} channels{extra}, the model expects in_dim={cfg.in_dim}")
+        if y is not None and y.shape[2:] != x.shape[2:]:
+            raise ValueError(f"y {tuple(y.shape)} does not match x {tuple(x.shape)} in (F, H, W)")
+        f, h, w = x.shape[2:]
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent (F, H, W)=({f}, {h}, {w}) is not divisible by patch {cfg.patch_size}")
+        L = (f // pt) * (h // ph) * (w // pw)
+        if t.shape not in ((x.shape[0],), (x.shape[0], L)):
+            raise ValueError(f"t must be ({x.shape[0]},) or per-token ({x.shape[0]}, {L}), got {tuple(t.shape)}")
+        width = context.shape[-1] if torch.is_tensor(context) else context[0].shape[-1]
+        if width != cfg.text_dim:
+            raise ValueError(f"context width {width} != text_dim {cfg.text_dim}")
+        n = context.shape[1] if torch.is_tensor(context) else max(len(c) for c in context)
+        if n > cfg.text_len:
+            raise ValueError(f"context has {n} tokens, more than text_len={cfg.text_len}")
+
+    def forward(self, x, t, context, y=None):
+        cfg = self.cfg
+        self.check_inputs(x, t, context, y)
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        B, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+
+        # Patchify: (B, C, F, H, W) -> (B, L, C*pt*ph*pw), the Conv3d weight's flattening order.
+        x = x.unflatten(2, (grid[0], pt)).unflatten(4, (grid[1], ph)).unflatten(6, (grid[2], pw))
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)  # (B, L, C*pt*ph*pw)
+        wt = self.patch_embedding.weight.flatten(1)
+        x = F.linear(x.to(wt.dtype), wt, self.patch_embedding.bias).float()  # (B, L, dim)
+
+        # Time: one embedding per sample (t (B,)) or per token (t (B, L)); float32, no autocast.
+        with no_autocast(x.device):
+            tt = t if t.ndim == 2 else t[:, None]                            # (B, 1 or L)
+            e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim)
+            e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))          # (B, 1 or L, 6, dim)
+
+        # Text: pad to text_len with zeros before embedding; padded rows are attended.
+        if not torch.is_tensor(context):
+            context = nn.utils.rnn.pad_sequence(list(context), batch_first=True)
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
+
+        rope = rope_cos_sin(grid, cfg.dim // cfg.num_heads, x.device)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, e0, context, rope, use_reentrant=False)
+            else:
+                x = block(x, e0, context, rope)
+        x = self.head(x, e)                                                  # (B, L, out*pt*ph*pw)
+
+        # Unpatchify: (B, L, pt*ph*pw*C) -> (B, C, F, H, W), channel last in the head's layout.
+        x = x.view(B, *grid, pt, ph, pw, cfg.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)                                # (B, C, f, pt, h, ph, w, pw)
+        return x.reshape(B, cfg.out_dim, f, h, w).float()
+
+
+# -----------------------------------------------------------------------------
+# LoRA: a trainable low-rank adapter on the DiT's linear layers, and the Lightning format
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus W' = W + (alpha / rank) * up @ down. Base keys (weight, bias) unchanged.
+
+    `up` starts at zero, so a fresh adapter leaves the model's output exactly as it was.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, rank=32, alpha=32.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.lora_down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.rank, self.alpha, self.lora_enabled = rank, float(alpha), True
+
+    def reset_lora(self):
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.lora_enabled:
+            out = out + self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))).to(out.dtype) * (self.alpha / self.rank)
+        return out
+
+
+# The paper's authors adapt these (ROLL reward_fl: q, k, v, o, ffn.0, ffn.2 of every block).
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+def add_lora(model, rank=32, alpha=None, targets=LORA_TARGETS, dtype=torch.float32):
+    """Swap the targeted nn.Linear layers of every block for LoRALinear, in place."""
+    alpha = rank if alpha is None else alpha
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, LoRALinear):
+            continue
+        if not (name.startswith("blocks.") and name.split(".", 2)[2] in targets):
+            continue
+        lora = LoRALinear(module.in_features, module.out_features, module.bias is not None, rank, alpha,
+                          device=module.weight.device, dtype=dtype)
+        lora.weight, lora.bias = module.weight, module.bias  # share, do not copy, the base weights
+        lora.reset_lora()
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, lora)
+    return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """The reference model of the KL term: the same weights with every adapter switched off."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.lora_enabled = True
+
+
+def lora_state_dict(model, prefix="diffusion_model."):
+    """Adapters in the Wan2.2-Lightning layout: <prefix><param>.lora_down.weight / .lora_up.weight / .alpha."""
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{prefix}{name}.lora_down.weight"] = m.lora_down.weight.detach().clone()
+            sd[f"{prefix}{name}.lora_up.weight"] = m.lora_up.weight.detach().clone()
+            sd[f"{prefix}{name}.alpha"] = torch.tensor(m.alpha)
+    return sd
+
+
+def split_lora(sd):
+    """Group a Lightning-format file by target: {module name: {"down", "up", "alpha", "diff", "diff_b"}}."""
+    groups = {}
+    for key, value in sd.items():
+        name = key.removeprefix("diffusion_model.")
+        for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
+                             (".diff_b", "diff_b"), (".diff", "diff")):
+            if name.endswith(suffix):
+                groups.setdefault(name[: -len(suffix)], {})[part] = value
+                break
+        else:
+            raise KeyError(f"LoRA key {key!r} is not of the form <param>.lora_down.weight/.lora_up.weight/.alpha")
+    return groups
+
+
+@torch.no_grad()
+def merge_lora(model, sd, scale=1.0):
+    """Fold a Lightning-format LoRA into the weights: W += scale * alpha/rank * up @ down (float32)."""
+    for name, g in split_lora(sd).items():
+        module = model.get_submodule(name)
+        if "down" in g:
+            down, up = g["down"].float(), g["up"].float()
+            alpha = float(g["alpha"]) if "alpha" in g else down.shape[0]
+            delta = (up.flatten(1) @ down.flatten(1)) * (alpha / down.shape[0]) * scale
+            module.weight.copy_((module.weight.float() + delta.view_as(module.weight)).to(module.weight.dtype))
+        if "diff" in g:
+            module.weight.copy_((module.weight.float() + scale * g["diff"].float()).to(module.weight.dtype))
+        if "diff_b" in g:
+            module.bias.copy_((module.bias.float() + scale * g["diff_b"].float()).to(module.bias.dtype))
+    return model
+
+
+def load_lora_into(model, sd):
+    """Load a Lightning-format LoRA into a model that has adapters (add_lora) of the same rank."""
+    for name, g in split_lora(sd).items():
+        m = model.get_submodule(name)
+        if not isinstance(m, LoRALinear):
+            raise KeyError(f"{name} has no adapter; call add_lora with matching targets first")
+        if g["down"].shape != m.lora_down.weight.shape:
+            raise ValueError(f"{name}: LoRA rank {g['down'].shape[0]} != model adapter rank {m.rank}")
+        with torch.no_grad():
+            m.lora_down.weight.copy_(g["down"])
+            m.lora_up.weight.copy_(g["up"])
+        m.alpha = float(g.get("alpha", m.rank))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Loading official checkpoints: local folder or Hugging Face repo, meta device, strict
+
+
+def resolve(src, patterns):
+    """A local folder, or a Hugging Face repo id downloaded (only `patterns`) to the HF cache."""
+    if os.path.isdir(src):
+        return src
+    if os.path.exists(src):
+        raise ValueError(f"{src} is a file; expected a folder or a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id=src, allow_patterns=list(patterns))
+    except Exception as err:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"could not get {list(patterns)} of {src!r}: not a local folder, and the Hugging Face hub "
+            f"gave no copy (looked in {HF_HUB_CACHE}; offline={os.environ.get('HF_HUB_OFFLINE', '0')}). "
+            f"Download it first (huggingface-cli download {src}) or pass the local folder. ({type(err).__name__}: {err})"
+        ) from None
+
+
+def read_state_dict(path):
+    """safetensors file, sharded safetensors folder (with its index), or an official .pth."""
+    from safetensors.torch import load_file
+    if os.path.isdir(path):
+        index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+        if index:
+            with open(os.path.join(path, index[0])) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        else:
+            shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no .safetensors weights in {path}")
+        sd = {}
+        for s in shards:
+            sd.update(load_file(os.path.join(path, s)))
+        return sd
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    if path.endswith((".pth", ".pt", ".bin")):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    raise ValueError(f"do not know how to read weights from {path}")
+
+
+def load_strict(model, sd, what):
+    """assign=True onto a meta-built model; a missing or unexpected key is named, never skipped."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise KeyError(f"{what}: keys do not match the model: missing {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                       f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in expected.items():
+        if v.shape != sd[k].shape:
+            raise ValueError(f"{what}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
+    """Build WanModel(cfg) on the meta device and fill it from an official folder/repo or our file.
+
+    src: a Hugging Face repo id or local folder in the official layout (A14B: pass `expert`,
+    one of cfg.experts), or a single .safetensors file with official key names (ours).
+    """
+    if os.path.isfile(src):
+        path = src
+    else:
+        sub = f"{expert}/" if expert else ""
+        path = os.path.join(resolve(src, [f"{sub}diffusion_pytorch_model*", f"{sub}config.json"]), sub)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    load_strict(model, read_state_dict(path), f"DiT weights {path}")
+    return model.to(device=device, dtype=dtype)
