@@ -122,12 +122,12 @@ def sinusoid(dim, t):
     return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
 
 
-def rope_cos_sin(grid, head_dim, device, theta=10000.0):
-    """3-D RoPE tables for a (f, h, w) token grid: cos and sin of shape (L, head_dim // 2).
+def rope_table(grid, head_dim, device, theta=10000.0):
+    """3-D RoPE rotations for a (f, h, w) token grid: complex, shape (L, head_dim // 2).
 
     The head's complex pairs are split over frame, height and width as the official code does
     ([22, 21, 21] pairs for head_dim 128). Angles are computed in float64 like the official
-    code; the rotation itself is applied in float32 (official: float64), an ~1 ulp difference.
+    code; the rotation is applied in complex64 (official: complex128), an ~1 ulp difference.
     """
     c = head_dim // 2
     splits = (c - 2 * (c // 3), c // 3, c // 3)
@@ -140,15 +140,13 @@ def rope_cos_sin(grid, head_dim, device, theta=10000.0):
         shape[axis] = n
         angles.append(a.view(shape).expand(*grid, pairs))
     angle = torch.cat(angles, dim=-1).reshape(-1, c)  # (f*h*w, c)
-    return angle.cos().float(), angle.sin().float()
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
 
 
-def rope_apply(x, cos, sin):
+def rope_apply(x, rope):
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, L, heads, head_dim) by the table angles."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, L, heads, head_dim // 2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, heads, head_dim // 2)
+    return torch.view_as_real(xc * rope[None, :, None, :]).flatten(-2).type_as(x)
 
 
 def no_autocast(device):
@@ -196,7 +194,7 @@ class Attention(nn.Module):
         k = self.norm_k(self.k(ctx)).unflatten(-1, (self.num_heads, -1))  # (B, Lc, heads, d)
         v = self.v(ctx).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
-            q, k = rope_apply(q, *rope), rope_apply(k, *rope)
+            q, k = rope_apply(q, rope), rope_apply(k, rope)
         # Official code upcasts q, k to float32 after RoPE; keep v's dtype for the kernel.
         q, k = q.to(v.dtype), k.to(v.dtype)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -328,7 +326,7 @@ class WanModel(nn.Module):
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
 
-        rope = rope_cos_sin(grid, cfg.dim // cfg.num_heads, x.device)
+        rope = rope_table(grid, cfg.dim // cfg.num_heads, x.device)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, e0, context, rope, use_reentrant=False)

@@ -1,0 +1,77 @@
+"""Side-by-side benchmarks: every row is a ratio measured in this one process, on this machine.
+
+    python bench.py              # all rows
+    python bench.py dit vae      # rows whose name contains one of the words
+
+Ratios, not seconds, are the targets (seconds change with the machine; a ratio measured side
+by side much less). ratio = ours / reference, so <= 1.0 means ours is no slower (no larger).
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+import wan
+
+ROWS = []
+
+
+def row(fn):
+    ROWS.append(fn)
+    return fn
+
+
+def median_time(fn, repeats=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@row
+def dit_fwd_bwd():
+    """DiT forward+backward, dim 512, 4 layers, 1536 tokens, fp32 CPU: ours vs diffusers."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    cfg = wan.WanConfig(in_dim=16, out_dim=16, dim=512, ffn_dim=2048, num_heads=4, num_layers=4,
+                        text_dim=256, text_len=128)
+    torch.manual_seed(0)
+    ours = wan.WanModel(cfg)
+    ref = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(ours.state_dict())), strict=True)
+    x = torch.randn(1, cfg.in_dim, 6, 32, 32)  # 6 * 16 * 16 = 1536 tokens
+    L = 6 * 16 * 16
+    t = torch.cat([torch.zeros(1, 256), torch.full((1, L - 256), 700.0)], 1)  # TI2V per-token time
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim)
+
+    def step(model, call):
+        model.zero_grad(set_to_none=True)
+        call(model).square().mean().backward()
+
+    t_ours = median_time(lambda: step(ours, lambda m: m(x, t, ctx)), repeats=7)
+    t_ref = median_time(lambda: step(ref, lambda m: m(x, t, ctx, return_dict=False)[0]), repeats=7)
+    return "DiT fwd+bwd (dim 512, 4 layers, 1536 tok), s", t_ours, t_ref
+
+
+def main(words):
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+    print("| what | ours | reference | ratio |")
+    print("|---|---|---|---|")
+    for fn in ROWS:
+        if words and not any(w in fn.__name__ for w in words):
+            continue
+        what, ours, ref = fn()
+        print(f"| {what} | {ours:.4g} | {ref:.4g} | {ours / ref:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
