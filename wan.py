@@ -536,3 +536,111 @@ def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
         model = WanModel(cfg)
     load_strict(model, read_state_dict(path), f"DiT weights {path}")
     return model.to(device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Flow-matching schedule and solvers
+#
+# x_t = (1 - sigma) * x_0 + sigma * noise; the DiT predicts v = noise - x_0, so the probability
+# flow ODE is dx/dsigma = v and a sampler walks sigma from ~1 down to 0.
+
+# The official negative prompt (wan/configs/shared_config.py): the unconditional branch of CFG.
+NEG_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+
+
+def shift_sigma(sigma, shift):
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma): shift > 1 spends more steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def schedule(steps, shift=5.0, solver="unipc"):
+    """Sigmas (steps + 1,) float32 ending in 0, and the timesteps (steps,) the DiT is fed.
+
+    unipc: the official FlowUniPCMultistepScheduler: sigma linear from 0.999 (float32, the top of
+      the official 1000-step training grid; at sigma = 1 UniPC's log(1 - sigma) is -inf) to 0,
+      shifted; timesteps are int64, trunc(1000 * sigma): the 50-step list starts 999, 995, 991.
+    euler: Wan2.2-Lightning's and ROLL's EulerScheduler: sigma linear from 1 to 0, shifted;
+      timesteps are the float 1000 * sigma (4 steps: 1000, 937.5, 833.3, 625). They compute in
+      float32; we compute in float64 and round once (within 1 ulp of theirs).
+    The DiT sees these timesteps; the solver steps with the untruncated sigmas (as the official code).
+    """
+    if solver not in ("unipc", "euler"):
+        raise ValueError(f"unknown solver {solver!r}; choose 'unipc' or 'euler'")
+    top = float(torch.tensor(1 - 1 / 1000, dtype=torch.float32)) if solver == "unipc" else 1.0
+    # np.linspace's arithmetic (start + i * step), so the int64 truncation matches the official list.
+    sigmas = torch.arange(steps, dtype=torch.float64) * ((0.0 - top) / steps) + top
+    sigmas = shift_sigma(sigmas, shift)
+    timesteps = (sigmas * 1000).long() if solver == "unipc" else (sigmas * 1000).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float(), timesteps
+
+
+class Euler:
+    """x_next = x + (sigma_next - sigma) * v: the solver Lightning was distilled for and ROLL trains with."""
+
+    def __init__(self, sigmas):
+        self.sigmas, self.i = sigmas.tolist(), 0
+
+    def step(self, v, x):
+        sigma, sigma_next = self.sigmas[self.i], self.sigmas[self.i + 1]
+        self.i += 1
+        return x + (sigma_next - sigma) * v
+
+
+def _lambda(sigma):
+    """Half log-SNR of flow matching, log(alpha / sigma) with alpha = 1 - sigma; +inf at sigma = 0."""
+    return math.inf if sigma == 0 else math.log(1 - sigma) - math.log(sigma)
+
+
+class UniPC:
+    """The official FlowUniPCMultistepScheduler at Wan's settings (UniPC, arXiv 2302.04867).
+
+    Order-2 multistep predictor (UniP) and corrector (UniC) on the predicted clean latent
+    m = x - sigma * v (predict_x0), B(h) = e^h - 1 ("bh2"), order 1 at the first step (warm-up)
+    and at the last (lower_order_final), the corrector from the second step on; no thresholding.
+    step(v, x): v is the velocity at sigmas[i]; returns x at sigmas[i + 1]. Coefficients are
+    float64 Python numbers (official: float32 tensors; trajectories agree to ~2e-6).
+    """
+
+    def __init__(self, sigmas):
+        self.sigmas, self.i = sigmas.tolist(), 0
+        self.m = []          # clean-latent predictions of the last two steps, newest last
+        self.x_prev = None   # where the last predictor step started: the corrector redoes that step
+        self.order = 1       # order of the last predictor step
+
+    def exp_step(self, x, m, i, j):
+        """The first-order (DDIM) step from sigmas[i] to sigmas[j] with clean latent m; order-2
+        terms enter as a correction folded into m."""
+        s0, s1 = self.sigmas[i], self.sigmas[j]
+        phi = math.expm1(_lambda(s0) - _lambda(s1))       # e^{-h} - 1 = B(h) for bh2
+        return (s1 / s0) * x - (1 - s1) * phi * m
+
+    def step(self, v, x):
+        i, s = self.i, self.sigmas
+        m = x - s[i] * v
+        if i > 0:
+            x = self.correct(m)
+        self.m = [*self.m[-1:], m]
+        self.order = min(2, i + 1, len(s) - 1 - i)
+        self.x_prev = x
+        m0 = self.m[-1]
+        if self.order == 2:  # UniP-2 with the official fixed rho = 1/2
+            r = (_lambda(s[i - 1]) - _lambda(s[i])) / (_lambda(s[i + 1]) - _lambda(s[i]))
+            m0 = m0 + 0.5 * (self.m[-2] - m0) / r
+        self.i += 1
+        return self.exp_step(x, m0, i, i + 1)
+
+    def correct(self, m_new):
+        """UniC: redo the step sigmas[i-1] -> sigmas[i] using the new model output m_new."""
+        i, s = self.i, self.sigmas
+        m0 = self.m[-1]
+        if self.order == 1:  # the official fixed rho = 1/2
+            return self.exp_step(self.x_prev, m0 + 0.5 * (m_new - m0), i - 1, i)
+        hh = _lambda(s[i - 1]) - _lambda(s[i])            # -h
+        phi = math.expm1(hh)
+        r = (_lambda(s[i - 2]) - _lambda(s[i - 1])) / -hh
+        b1 = (phi / hh - 1) / phi
+        b2 = 2 * ((phi / hh - 1) / hh - 0.5) / phi
+        rho0 = (b1 - b2) / (1 - r)                        # solves [[1, 1], [r, 1]] @ rho = [b1, b2]
+        rho1 = b1 - rho0
+        return self.exp_step(self.x_prev, m0 + rho0 * (self.m[-2] - m0) / r + rho1 * (m_new - m0), i - 1, i)
+
