@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config presets
@@ -644,3 +645,141 @@ class UniPC:
         rho1 = b1 - rho0
         return self.exp_step(self.x_prev, m0 + rho0 * (self.m[-2] - m0) / r + rho1 * (m_new - m0), i - 1, i)
 
+
+# -----------------------------------------------------------------------------
+# Sampling: I2V conditioning, guidance, and THE generation loop with a gradient window
+
+
+def a14b_condition(z, known_frames=(0,)):
+    """y for I2V-A14B: (B, 4 + 16, f, h, w) = [mask, z], z = VAE2.1([image, zero frames]) (B, 16, f, h, w).
+
+    The mask has one value per pixel frame (1 = given), the first repeated 4 times so that the
+    4f values fold into 4 channels per latent frame, as in the official image2video.py.
+    """
+    B, _, f, h, w = z.shape
+    frames = 4 * (f - 1) + 1
+    known = torch.zeros(frames, device=z.device, dtype=z.dtype)
+    known[list(known_frames)] = 1
+    known = torch.cat([known[:1].repeat(4), known[1:]])                   # (4f,)
+    mask = known.view(f, 4).t()[None, :, :, None, None].expand(B, 4, f, h, w)  # (B, 4, f, h, w)
+    return torch.cat([mask, z], dim=1)
+
+
+def frozen(model):
+    """The model's forward with its parameters detached: differentiable in its inputs only."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    return lambda *args, **kwargs: torch.func.functional_call(model, params, args, kwargs)
+
+
+def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
+    """Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); one DiT call when g == 1.
+
+    The unconditional pass never keeps a graph (it runs under no_grad): under a gradient window
+    the gradient flows through g * v_cond only, which halves the activation memory. ROLL and
+    Lightning train and sample with g = 1, where this is exact.
+    """
+    v = model(x_t, t, context, y=y)
+    if guidance == 1.0:
+        return v
+    if context_null is None:
+        raise ValueError(f"guidance {guidance} needs context_null (the encoded NEG_PROMPT)")
+    B = x_t.shape[0]
+    if len(context_null) == 1 and B > 1:  # one negative prompt for the whole batch
+        context_null = context_null.expand(B, -1, -1) if torch.is_tensor(context_null) else list(context_null) * B
+    with torch.no_grad():
+        v_uncond = model(x_t, t, context_null, y=y)
+    return v_uncond + guidance * (v - v_uncond)
+
+
+@dataclass
+class Trace:
+    """What the training loop needs from one rollout (paper Eq. 4 and the multi-step KL, Eq. 7).
+
+    steps: one dict per windowed step: i (step index), x_t (the DiT's input, detached), t (the
+      timestep tensor as fed, (B,) or per-token (B, L)), sigma (float), v (guided velocity, with
+      graph), expert (index into models). v_ref for the KL is velocity(...) on the same x_t, t.
+    x0_hat: x_t - sigma * v at the last step (TI2V: first frame re-imposed); with Euler it is x_0.
+    graph_calls: DiT calls whose parameters are in the graph (one per windowed step; the
+      unconditional CFG pass never has one).
+    """
+    steps: list
+    x0_hat: torch.Tensor
+    graph_calls: int
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None, steps=None, shift=None,
+             guidance=None, solver="unipc", grad_last_k=0, grad_window="last", return_trace=False,
+             progress=False):
+    """Sample a latent video; the one sampling loop of the repository (sample, train and eval use it).
+
+    models: one DiT, or (high_noise, low_noise) for I2V-A14B: the high-noise expert runs while the
+      timestep t >= cfg.boundary * 1000. guidance: a float or one per expert, in the order of
+      models (official config tuples are (low, high)).
+    noise: (B, C, f, h, w), fresh N(0, 1) from the caller (the loop never seeds).
+    context / context_null: text embeddings (B, L, text_dim) or lists, as WanModel takes them.
+    TI2V (cfg.model_type "ti2v"): z_img (B, C, 1, h, w), the VAE latent of the image, replaces the
+      first latent frame at the start and after every step; its tokens get t = 0.
+    I2V-A14B (cfg.model_type "i2v"): y = a14b_condition(...) (B, 20, f, h, w), concatenated to x.
+    Gradient window (paper Eq. 4, DRaFT-K truncation), K = grad_last_k:
+      "last": steps N-K..N-1 keep the graph (DiT, solver, x-path); the earlier ones run under no_grad.
+      "first": steps 0..K-1 keep the graph; the later steps keep the x-path differentiable
+        through the DiT too (parameters detached, see frozen), so the gradient reaching the
+        first K calls is exact; memory then grows with N (the paper's Table 5 ablation).
+    Returns x_0 (B, C, f, h, w), and with return_trace=True (x_0, Trace).
+    Departs from ROLL's loop, which re-seeds its noise every step (a bug) and casts the latent to
+    bf16 after each step: here the noise is the caller's and the latent stays float32.
+    """
+    steps = cfg.sample_steps if steps is None else steps
+    shift = cfg.sample_shift if shift is None else shift
+    guidance = cfg.sample_guide_scale if guidance is None else guidance
+    experts = tuple(models) if isinstance(models, (tuple, list)) else (models,)
+    guides = tuple(guidance) if isinstance(guidance, (tuple, list)) else (guidance,) * len(experts)
+    if len(guides) != len(experts):
+        raise ValueError(f"{len(guides)} guidance scales for {len(experts)} models")
+    if grad_window not in ("last", "first"):
+        raise ValueError(f"grad_window must be 'last' or 'first', got {grad_window!r}")
+    if not 0 <= grad_last_k <= steps:
+        raise ValueError(f"grad_last_k={grad_last_k} must be in [0, steps={steps}]")
+    if z_img is not None and cfg.model_type != "ti2v":
+        raise ValueError("z_img conditions TI2V models; I2V-A14B takes y = a14b_condition(...)")
+    sigmas, timesteps = schedule(steps, shift, solver)
+    solve = UniPC(sigmas) if solver == "unipc" else Euler(sigmas)
+    K, grad = grad_last_k, torch.is_grad_enabled()
+    window = range(steps - K, steps) if grad_window == "last" else range(K)
+
+    B, _, f, h, w = noise.shape
+    x = noise.float()
+    t_mask = None
+    if z_img is not None:
+        pt, ph, pw = cfg.patch_size
+        t_mask = torch.ones(B, f // pt, h // ph, w // pw, device=x.device)
+        t_mask[:, 0] = 0                                                   # first-frame tokens: t = 0
+        t_mask = t_mask.flatten(1)                                         # (B, L)
+        # = (1 - mask) * z_img + mask * x of the official code, mask 0 on the first frame only.
+        x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
+
+    trace, graph_calls, v = [], 0, None
+    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+        t = timesteps[i].to(device=x.device, dtype=torch.float32)
+        e = 0 if len(experts) == 1 or t.item() >= cfg.boundary * 1000 else 1
+        t_in = t_mask * t if t_mask is not None else t.expand(B)          # (B, L) or (B,)
+        windowed = grad and i in window
+        x_path = windowed or (grad and K > 0 and grad_window == "first" and i >= K)
+        with torch.set_grad_enabled(x_path):
+            model = experts[e] if windowed or not x_path else frozen(experts[e])
+            x_t = x
+            v = velocity(model, x_t, t_in, context, context_null, y, guides[e])
+            x = solve.step(v, x_t)
+            if z_img is not None:
+                x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
+        if windowed:
+            graph_calls += 1
+            trace.append(dict(i=i, x_t=x_t.detach(), t=t_in, sigma=sigmas[i].item(), v=v, expert=e))
+    if not return_trace:
+        return x
+    x0_hat = x_t - sigmas[-2].item() * v                                   # the clean latent seen at the last step
+    if z_img is not None:
+        x0_hat = torch.cat([z_img.to(x0_hat), x0_hat[:, :, 1:]], dim=2)
+    return x, Trace(trace, x0_hat, graph_calls, sigmas, timesteps)
