@@ -7,6 +7,7 @@ Ratios, not seconds, are the targets (seconds change with the machine; a ratio m
 by side much less). ratio = ours / reference, so <= 1.0 means ours is no slower (no larger).
 """
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +60,40 @@ def dit_fwd_bwd():
     t_ours = median_time(lambda: step(ours, lambda m: m(x, t, ctx)), repeats=7)
     t_ref = median_time(lambda: step(ref, lambda m: m(x, t, ctx, return_dict=False)[0]), repeats=7)
     return "DiT fwd+bwd (dim 512, 4 layers, 1536 tok), s", t_ours, t_ref
+
+
+# A train-step-like rollout: generate() with a gradient window, then backward from the output.
+ROLLOUT = """
+import resource, torch, wan
+cfg = wan.WanConfig(in_dim=16, out_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=64, text_len=32)
+torch.manual_seed(0)
+model = wan.WanModel(cfg)
+noise, z_img = torch.randn(1, 16, 6, 32, 32), torch.randn(1, 16, 1, 32, 32)  # 1536 tokens
+ctx = torch.randn(1, 32, 64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x0 = wan.generate(model, cfg, noise, ctx, z_img=z_img, steps={steps}, guidance=1.0, solver="euler", grad_last_k={k})
+x0.square().mean().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def rollout_peak_mb(steps, k):
+    """Peak RSS growth (MB, Linux ru_maxrss) of one rollout + backward, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", ROLLOUT.format(steps=steps, k=k)], check=True,
+                         capture_output=True, text=True, cwd=sys.path[0] or ".")
+    return float(out.stdout.split()[-1])
+
+
+@row
+def rollout_memory_steps():
+    """Truncated backprop keeps K steps of graph: peak memory must not grow with N (paper Eq. 4)."""
+    return "rollout+backward peak RSS, K=4: N=16 vs N=8, MB", rollout_peak_mb(16, 4), rollout_peak_mb(8, 4)
+
+
+@row
+def rollout_memory_full():
+    """The same measurement is sensitive: full backprop through all 16 steps vs the last 4."""
+    return "rollout+backward peak RSS, N=16: K=16 vs K=4, MB", rollout_peak_mb(16, 16), rollout_peak_mb(16, 4)
 
 
 def main(words):
