@@ -15,6 +15,7 @@ Conventions used everywhere in this file:
 import json
 import math
 import os
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -151,6 +152,8 @@ def rope_apply(x, rope):
 
 
 def no_autocast(device):
+    if device.type == "meta":  # shape/FLOP counting (train.py --dry-run) has no autocast
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 
