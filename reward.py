@@ -640,7 +640,8 @@ def read_video(path, max_frames=0):
     frames = []
     try:
         for frame in iio.imiter(path):
-            frames.append(np.asarray(frame)[..., :3])
+            frame = np.asarray(frame)
+            frames.append(np.repeat(frame[..., None], 3, 2) if frame.ndim == 2 else frame[..., :3])
             if max_frames and len(frames) >= max_frames:
                 break
     except Exception as e:

@@ -75,9 +75,11 @@ def test_same_person_beats_every_different_pair(embeddings):
     assert min(same) > 0.45 and max(diff) < 0.35 and min(same) - max(diff) > 0.2, f"\n{table}"
 
 
-def test_embed_image_file_and_unit_norm(model):
+def test_embed_image_file(model, embeddings, tmp_path):
     e = reward.embed_image_file(os.path.join(ASSETS, "person_b_1.jpg"), model)
-    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5
+    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5 and float(e @ embeddings[2]) > 0.999
+    cv2.imwrite(str(tmp_path / "wall.png"), np.full((64, 96, 3), 200, np.uint8))
+    assert reward.embed_image_file(str(tmp_path / "wall.png"), model) is None
     with pytest.raises(ValueError):
         reward.embed_image_file(os.path.join(ASSETS, "LICENSES.txt"), model)
 
