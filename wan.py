@@ -12,6 +12,7 @@ Conventions used everywhere in this file:
     "timestep"), the flow-matching sigma is t itself: x_t = (1 - sigma) * x_0 + sigma * noise,
     and the model predicts the velocity v = noise - x_0.
 """
+import html
 import json
 import math
 import os
@@ -1012,3 +1013,215 @@ def load_vae(cfg, src, dtype=torch.float32, device="cpu"):
         vae = build_vae(cfg)
     load_strict(vae, read_state_dict(path), f"VAE weights {path}")
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# umT5 text encoder and tokenizer
+#
+# Official code: wan/modules/t5.py (encoder of umT5-XXL) and wan/modules/tokenizers.py. umT5 is
+# T5 with a relative-position bias in every layer (shared_pos False) and, like all T5s, no
+# 1/sqrt(d) scaling of the attention logits. The official fp16_clamp is omitted: it acts on
+# float16 only, and we run float32 (CPU) or bfloat16.
+
+
+def relative_buckets(n, num_buckets, max_dist=128, device=None):
+    """(n, n) bucket of key position minus query position, bidirectional T5 bucketing: half the
+    buckets per direction, exact below half of those, logarithmic up to max_dist, then clipped."""
+    rel = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    dist = rel.abs()
+    exact = half // 2
+    log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(max_dist / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return bucket + torch.where(dist < exact, dist, far)
+
+
+class T5RelativeBias(nn.Module):
+    def __init__(self, num_buckets, num_heads):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, n):
+        bucket = relative_buckets(n, self.num_buckets, device=self.embedding.weight.device)
+        return self.embedding(bucket).permute(2, 0, 1)[None]  # (1, heads, n, n)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, dim, dim_attn, num_heads, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, bias):
+        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, heads, L, d)
+                   for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # T5: no scaling
+        return self.dropout(self.o(out.transpose(1, 2).flatten(2)))               # (B, L, dim)
+
+
+class T5FeedForward(nn.Module):
+    """Gated GELU (tanh approximation): fc2(fc1(x) * gelu(gate(x)))."""
+
+    def __init__(self, dim, dim_ffn, dropout):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(self.fc1(x) * self.gate(x))))
+
+
+class T5Block(nn.Module):
+    def __init__(self, dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps=1e-6)  # T5LayerNorm is this RMS norm
+        self.attn = T5Attention(dim, dim_attn, num_heads, dropout)
+        self.norm2 = RMSNorm(dim, eps=1e-6)
+        self.ffn = T5FeedForward(dim, dim_ffn, dropout)
+        self.pos_embedding = None if shared_pos else T5RelativeBias(num_buckets, num_heads)
+
+    def forward(self, x, bias):
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.ffn(self.norm2(x))
+
+
+class T5Encoder(nn.Module):
+    """The umT5 encoder. forward(ids (B, L), mask (B, L) of 1/0 or None) -> (B, L, dim).
+
+    Defaults are umT5-XXL as the official umt5_xxl() builds it (models_t5_umt5-xxl-enc-bf16.pth:
+    242 keys, 5,680,910,336 parameters). Padded keys are masked; padded queries still get outputs.
+    """
+
+    def __init__(self, vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
+                 num_buckets=32, shared_pos=False, dropout=0.1):
+        super().__init__()
+        if dim_attn % num_heads:
+            raise ValueError(f"dim_attn {dim_attn} is not divisible by num_heads {num_heads}")
+        self.dim, self.shared_pos = dim, shared_pos
+        self.token_embedding = nn.Embedding(vocab, dim)
+        self.pos_embedding = T5RelativeBias(num_buckets, num_heads) if shared_pos else None
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(T5Block(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout)
+                                    for _ in range(num_layers))
+        self.norm = RMSNorm(dim, eps=1e-6)
+
+    def forward(self, ids, mask=None):
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be (B, L), got shape {tuple(ids.shape)}")
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match ids {tuple(ids.shape)}")
+        if ids.numel() and int(ids.max()) >= self.token_embedding.num_embeddings:
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({self.token_embedding.num_embeddings})")
+        x = self.dropout(self.token_embedding(ids))                    # (B, L, dim)
+        n = ids.shape[1]
+        shared = self.pos_embedding(n) if self.shared_pos else None
+        for block in self.blocks:
+            bias = shared if self.shared_pos else block.pos_embedding(n)  # (1, heads, L, L)
+            if mask is not None:
+                # Official: masked logits are replaced by the dtype's minimum.
+                bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, heads, L, L)
+            x = block(x, bias)
+        return self.dropout(self.norm(x))
+
+
+def clean_prompt(text):
+    """The official "whitespace" cleaning without ftfy: HTML-unescape twice, collapse whitespace.
+
+    (ftfy only repairs mis-decoded text such as mojibake; well-formed prompts are unchanged.)
+    """
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
+def pad_ids(seqs, text_len, eos, pad):
+    """Truncate each id list to text_len - 1, append eos, right-pad: ids and mask (B, text_len) int64."""
+    ids = torch.full((len(seqs), text_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), text_len), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        seq = list(seq[: text_len - 1]) + [eos]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+class T5Tokenizer:
+    """The umT5 tokenizer from the `google/umt5-xxl` folder of the official Wan repos (tokenizer.json).
+
+    tokenizer(prompts) -> ids, mask (B, text_len): cleaned text, </s> appended, padded with <pad>,
+    truncated to text_len like the official HuggingfaceTokenizer (padding="max_length").
+    """
+
+    def __init__(self, folder, text_len=512):
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        self.tokenizer.no_padding()      # padding and truncation are ours (pad_ids), whatever the file says
+        self.tokenizer.no_truncation()
+        self.text_len = text_len
+        self.eos, self.pad = self.tokenizer.token_to_id("</s>"), self.tokenizer.token_to_id("<pad>")
+        if self.eos is None or self.pad is None:
+            raise ValueError(f"{folder}/tokenizer.json has no </s> or <pad> token: not a T5 tokenizer")
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        encoded = self.tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
+        return pad_ids([e.ids for e in encoded], self.text_len, self.eos, self.pad)
+
+
+class ByteTokenizer:
+    """Offline stand-in for the tiny preset: UTF-8 bytes + 3 (ids 0 <pad>, 1 </s>, 2 <unk> as in T5)."""
+
+    pad, eos, offset = 0, 1, 3
+
+    def __init__(self, text_len=512):
+        self.text_len = text_len
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seqs = [[b + self.offset for b in clean_prompt(p).encode("utf-8")] for p in prompts]
+        return pad_ids(seqs, self.text_len, self.eos, self.pad)
+
+    def decode(self, ids):
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()  # the text encoder is frozen in IPRO
+def encode_text(prompts, t5, tokenizer):
+    """Prompts -> list of (L_i, dim) umT5 states, trimmed to each prompt's tokens (</s> included)."""
+    ids, mask = tokenizer(prompts)
+    device = t5.token_embedding.weight.device
+    context = t5(ids.to(device), mask.to(device))                   # (B, text_len, dim)
+    return [c[:n] for c, n in zip(context, mask.sum(dim=1).tolist())]
+
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+
+
+def build_t5(cfg):
+    """umT5-XXL, or the preset's smaller encoder (cfg.t5_kwargs), randomly initialised."""
+    return T5Encoder(**cfg.t5_kwargs)
+
+
+def load_t5(cfg, src, dtype=torch.float32, device="cpu"):
+    """The official models_t5_umt5-xxl-enc-bf16.pth from a folder, repo id or the file itself;
+    returned frozen and in eval mode (no dropout)."""
+    path = src if os.path.isfile(src) else os.path.join(resolve(src, [T5_FILE]), T5_FILE)
+    with torch.device("meta"):
+        t5 = build_t5(cfg)
+    load_strict(t5, read_state_dict(path), f"T5 weights {path}")
+    return t5.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_tokenizer(cfg, src=None):
+    """T5Tokenizer from the google/umt5-xxl folder of a local folder or repo id; src=None gives the
+    ByteTokenizer stand-in (the tiny preset: no real tokenizer offline)."""
+    if src is None:
+        return ByteTokenizer(cfg.text_len)
+    return T5Tokenizer(os.path.join(resolve(src, [f"{TOKENIZER_DIR}/*"]), TOKENIZER_DIR), cfg.text_len)
