@@ -611,7 +611,8 @@ def conv3d(conv, x):
     """conv(x), on CPU in float32 always through oneDNN. PyTorch's heuristic sends conv3d inputs
     with N*C*T*H <= 20480 (every chunk at the latent-side levels) to an im2col kernel that is
     2-3x slower there; the numbers are the same up to float rounding."""
-    if x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    on_cpu_fp32 = x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
+    if on_cpu_fp32 and torch.backends.mkldnn.is_available():
         return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride,
                                                  conv.dilation, conv.groups)
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -630,7 +631,7 @@ class ChannelRMSNorm(nn.Module):
 
 
 # Layers that need no cache; every other VAE layer is called as layer(x, cache).
-STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout, nn.Identity)
+STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout)
 
 
 def run(layers, x, cache):
@@ -736,14 +737,16 @@ def fold(x, ft, fs):
     """
     x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
     B, C, T, H, W = x.shape
-    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, ft, fs, fs, T', H', W')
+    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)                              # (B, C, ft, fs, fs, T', H', W')
     return x.reshape(B, C * ft * fs * fs, T // ft, H // fs, W // fs)
 
 
 def unfold(x, ft, fs):
     """Inverse of fold (without the padding): (B, C*ft*fs*fs, T, H, W) -> (B, C, T*ft, H*fs, W*fs)."""
     B, C, T, H, W = x.shape
-    x = x.view(B, C // (ft * fs * fs), ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C', T, ft, H, fs, W, fs)
+    x = x.view(B, C // (ft * fs * fs), ft, fs, fs, T, H, W)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                              # (B, C', T, ft, H, fs, W, fs)
     return x.reshape(B, C // (ft * fs * fs), T * ft, H * fs, W * fs)
 
 
@@ -954,7 +957,7 @@ def check_video(vae, video):
     if h % sh or w % sw:
         raise ValueError(f"video size {h}x{w} is not divisible by the VAE's spatial stride {sh}x{sw}")
     lo, hi = video.detach().aminmax()
-    if lo < -1.5 or hi > 1.5:  # a little overshoot (e.g. bicubic resizing) is accepted as is
+    if not (-1.5 <= lo and hi <= 1.5):  # catches NaN too; small overshoot (bicubic resizing) is kept as is
         raise ValueError(f"pixels must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
                          f"(0-255 images: x / 127.5 - 1)")
 
@@ -1017,10 +1020,10 @@ def build_vae(cfg):
 def load_vae(cfg, src, dtype=torch.float32, device="cpu"):
     """The official VAE .pth (Wan2.2_VAE.pth / Wan2.1_VAE.pth) from a folder, repo id or the file itself;
     returned frozen and in eval mode."""
-    name = VAE_FILES[cfg.vae] if cfg.vae in VAE_FILES else None
-    path = src if os.path.isfile(src) else os.path.join(resolve(src, [name]), name)
     with torch.device("meta"):
         vae = build_vae(cfg)
+    name = VAE_FILES[cfg.vae]
+    path = src if os.path.isfile(src) else os.path.join(resolve(src, [name]), name)
     load_strict(vae, read_state_dict(path), f"VAE weights {path}")
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -1128,8 +1131,9 @@ class T5Encoder(nn.Module):
             raise ValueError(f"ids must be (B, L), got shape {tuple(ids.shape)}")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"mask {tuple(mask.shape)} does not match ids {tuple(ids.shape)}")
-        if ids.numel() and int(ids.max()) >= self.token_embedding.num_embeddings:
-            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({self.token_embedding.num_embeddings})")
+        vocab = self.token_embedding.num_embeddings
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({vocab})")
         x = self.dropout(self.token_embedding(ids))                    # (B, L, dim)
         n = ids.shape[1]
         shared = self.pos_embedding(n) if self.shared_pos else None

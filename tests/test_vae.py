@@ -164,7 +164,8 @@ def test_bad_inputs_raise_clear_errors():
     vae = wan.WanVAE21(**TINY21)
     good = clip(1, 5, 8)
     cases = [(good[:, :, :4], "4n\\+1"), (good[..., :12, :], "divisible"), (good[:, :2], "RGB"),
-             (good * 127.5 + 127.5, "\\[-1, 1\\]"), (good[0], "RGB"), ((good > 0).long(), "float")]
+             (good * 127.5 + 127.5, "\\[-1, 1\\]"), (good[0], "RGB"), ((good > 0).long(), "float"),
+             (good.clone().fill_(float("nan")), "\\[-1, 1\\]")]
     for video, message in cases:
         with pytest.raises(ValueError, match=message):
             vae.encode(video)
@@ -186,7 +187,8 @@ def test_load_vae_from_folder_and_wrong_keys(tmp_path):
     sd = vae.state_dict()
     sd["decoder.head.2.wieght"] = sd.pop("decoder.head.2.weight")
     torch.save(sd, tmp_path / "renamed.pth")
-    with pytest.raises(KeyError, match=r"missing \['decoder\.head\.2\.weight'\].*unexpected \['decoder\.head\.2\.wieght'\]"):
+    named = r"missing \['decoder\.head\.2\.weight'\].*unexpected \['decoder\.head\.2\.wieght'\]"
+    with pytest.raises(KeyError, match=named):
         wan.load_vae(cfg, str(tmp_path / "renamed.pth"))
     sd = vae.state_dict()
     sd["conv2.bias"] = torch.zeros(3)
