@@ -48,8 +48,9 @@ BENCH_VAE22 = dict(dim=32, dec_dim=48, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_
 
 def diffusers_vae22(vae):
     """diffusers' AutoencoderKLWan with our VAE's weights (key table as in tests/test_vae.py)."""
+    import os
     import sys
-    sys.path.insert(0, "tests")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
     from diffusers import AutoencoderKLWan
     from test_vae import wan22_to_diffusers
     kw = BENCH_VAE22

@@ -909,11 +909,11 @@ class WanVAE22(nn.Module):
         self.mean, self.std = latent_stats(WAN22_LATENT_MEAN, WAN22_LATENT_STD, z_dim)
 
     def encode(self, video):
-        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/16, W/16)."""
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/s, W/s), s = stride[1] (16)."""
         return vae_encode(self, video)
 
     def decode(self, z, chunk=1, checkpoint=True):
-        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 16h, 16w) in [-1, 1]."""
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, h*s, w*s) in [-1, 1], s = stride[1]."""
         return vae_decode(self, z, chunk, checkpoint)
 
 
@@ -937,11 +937,11 @@ class WanVAE21(nn.Module):
         self.mean, self.std = latent_stats(WAN21_LATENT_MEAN, WAN21_LATENT_STD, z_dim)
 
     def encode(self, video):
-        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/8, W/8)."""
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/s, W/s), s = stride[1] (8)."""
         return vae_encode(self, video)
 
     def decode(self, z, chunk=1, checkpoint=True):
-        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 8h, 8w) in [-1, 1]."""
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, h*s, w*s) in [-1, 1], s = stride[1]."""
         return vae_decode(self, z, chunk, checkpoint)
 
 

@@ -117,7 +117,9 @@ def test_chunked_checkpointed_decode_equals_one_go_with_gradient(pair):
     vae.requires_grad_(False)
     z0 = torch.randn(2, vae.z_dim, 4, 2, 2, generator=torch.Generator().manual_seed(1))
     grads, outs = [], []
-    for chunk, checkpoint in [(1, True), (3, False)]:  # frame by frame, checkpointed / rest at once, plain
+    # Frame by frame and checkpointed, versus all frames after the first in one plain call (the first
+    # latent frame is always decoded alone: it is the one the decoder does not upsample in time).
+    for chunk, checkpoint in [(1, True), (3, False)]:
         z = z0.clone().requires_grad_(True)
         out = vae.decode(z, chunk=chunk, checkpoint=checkpoint)
         out.sum().backward()
