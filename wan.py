@@ -95,12 +95,13 @@ CONFIGS = {
         experts=("high_noise_model", "low_noise_model"), boundary=0.9, vae="2.1",
         vae_stride=(4, 8, 8), sample_steps=40, sample_guide_scale=3.5, sample_fps=16,
         frame_num=81, size=(480, 832)),
-    # A TI2V-layout model small enough for CPU tests and the demo (head_dim 32 as a stand-in).
+    # The demo's model: the TI2V layout (first latent frame = the image, per-token t) at CPU size.
+    # Its VAE is the Wan2.1 class with two levels (stride 4x4x4): a 64x64 face keeps its identity
+    # through it, which the full 16x spatial compression of the 2.2 VAE at this size does not.
     "tiny": WanConfig(
-        in_dim=16, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
-        num_layers=2, text_len=32, name="tiny", repo="", vae_stride=(4, 8, 8),
-        vae_kwargs=dict(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
-                        temperal_downsample=(True, True)),   # 2 levels, both in time: stride 4x8x8
+        in_dim=16, dim=128, ffn_dim=512, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
+        num_layers=4, text_len=96, name="tiny", repo="", vae="2.1", vae_stride=(4, 4, 4),
+        vae_kwargs=dict(dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True)),
         t5_kwargs=dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
                        num_buckets=8),
         sample_steps=8, sample_guide_scale=1.0, sample_fps=8, frame_num=9, size=(64, 64)),
@@ -1184,6 +1185,10 @@ class T5Tokenizer:
         if self.eos is None or self.pad is None:
             raise ValueError(f"{folder}/tokenizer.json has no </s> or <pad> token: not a T5 tokenizer")
 
+    def token_count(self, prompt):
+        """Tokens of the prompt with </s>: more than text_len would be truncated."""
+        return len(self.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids) + 1
+
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = self.tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
@@ -1197,6 +1202,9 @@ class ByteTokenizer:
 
     def __init__(self, text_len=512):
         self.text_len = text_len
+
+    def token_count(self, prompt):
+        return len(clean_prompt(prompt).encode("utf-8")) + 1
 
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1560,7 +1568,7 @@ def save_video(path, video, fps, metadata=None):
     tmp = f"{path}.tmp{os.getpid()}.mp4"
     try:
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
-                                ffmpeg_params=["-pix_fmt", "yuv420p"]) as writer:
+                                pixelformat="yuv420p") as writer:
             for frame in frames:
                 writer.append_data(frame)
         os.replace(tmp, path)
