@@ -181,7 +181,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_load_vae_from_folder_and_wrong_keys(tmp_path):
     cfg = wan.CONFIGS["tiny"]
     vae = randomized(wan.build_vae(cfg))
-    torch.save(vae.state_dict(), tmp_path / "Wan2.2_VAE.pth")
+    torch.save(vae.state_dict(), tmp_path / wan.VAE_FILES[cfg.vae])
     loaded = wan.load_vae(cfg, str(tmp_path))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     for k, v in vae.state_dict().items():
