@@ -135,24 +135,32 @@ def sample_indices(n_frames, k):
     return [int(i) for i in idx]
 
 
-def load_clips(args):
-    """The eval split as plain arrays: image and gt uint8, pool frame indices, and what generation needs."""
+def open_clips(args):
+    """The eval split (data.ClipDataset) and each clip's id and caption; the videos are loaded one
+    clip at a time by load_clip, so a long eval set never sits in memory at once."""
     ds = data.ClipDataset(args.data, split=args.split, frames=args.frames, size=args.size)
     n = len(ds) if not args.max_clips else min(args.max_clips, len(ds))
-    clips = []
+    metas = []
     for k in range(n):
         rec = ds[k]
-        gt = to_uint8(rec["video"])                                          # (F, H, W, 3)
-        pool = rec.get("pool_frames")
-        pool = list(range(1, len(gt))) if pool is None else [int(i) for i in pool if 0 <= int(i) < len(gt)]
-        clips.append(dict(clip_id=str(rec["clip_id"]), caption=rec.get("caption", ""), image=to_uint8(rec["image"]),
-                          gt=gt, pool_frames=pool, image_t=rec["image"], context=rec.get("context")))
-    return clips
+        metas.append(dict(index=k, clip_id=str(rec["clip_id"]), caption=str(rec.get("caption", ""))))
+    return ds, metas
+
+
+def load_clip(ds, meta):
+    """One clip as plain arrays: image and gt uint8, pool frame indices, and what generation needs."""
+    rec = ds[meta["index"]]
+    gt = to_uint8(rec["video"])                                              # (F, H, W, 3)
+    pool = rec.get("pool_frames")
+    pool = list(range(1, len(gt))) if pool is None else [int(i) for i in pool if 0 <= int(i) < len(gt)]
+    return dict(meta, image=to_uint8(rec["image"]), gt=gt, pool_frames=pool, image_t=rec["image"],
+                context=rec.get("context"))
 
 
 def find_video(folder, clip_id):
+    """FOLDER/<clip_id>.<any video extension> (clip ids unfit for file names: as safe_name writes them)."""
     for name in sorted(os.listdir(folder)):
-        if os.path.splitext(name)[0] == clip_id and reward.is_video(name):
+        if os.path.splitext(name)[0] in (clip_id, safe_name(clip_id)) and reward.is_video(name):
             return os.path.join(folder, name)
     return None
 
@@ -173,15 +181,13 @@ def read_jsonl(path):
 
 
 def check_inputs(args):
-    """Everything that can be wrong with the request, before any model is loaded; returns the rows
-    to score as (label, folder or checkpoint)."""
+    """Everything that can be wrong with the request, before any model is loaded. Returns the rows
+    to score, (label, folder), and those to generate first, (label, checkpoint; None = the base)."""
     if not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data}: no such folder")
     missing = [c for c in args.ckpt + [lo.split("=", 1)[-1] for lo in args.lora] if not os.path.isfile(c)]
     if missing:
         raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}")
-    if args.ckpt and args.videos:
-        raise ValueError("pass --ckpt (generate, then score) or --videos (score), not both")
     rows = []
     for folder in args.videos:
         if not os.path.isdir(folder):
@@ -189,9 +195,8 @@ def check_inputs(args):
         if not any(reward.is_video(n) for n in os.listdir(folder)):
             raise ValueError(f"--videos {folder}: the folder has no videos (expected <clip_id>.mp4 per eval clip)")
         rows.append((os.path.basename(os.path.normpath(folder)) or folder, folder))
-    rows += [("base", None)] if args.ckpt else []
-    rows += [(os.path.splitext(os.path.basename(c))[0], c) for c in args.ckpt]
-    labels = [label for label, _ in rows]
+    gen = [("base", None)] + [(os.path.splitext(os.path.basename(c))[0], c) for c in args.ckpt] if args.ckpt else []
+    labels = [label for label, _ in rows + gen]
     clash = sorted({label for label in labels if labels.count(label) > 1 or label == GT})
     if clash:
         raise ValueError(f"two rows would be called {clash[0]!r}: give the folders or checkpoints distinct names")
@@ -201,7 +206,7 @@ def check_inputs(args):
     if args.eval_frames < 0:
         raise ValueError("--eval-frames must be >= 0")
     os.makedirs(args.out, exist_ok=True)
-    return rows
+    return rows, gen
 
 # -----------------------------------------------------------------------------
 # Evaluators: frames + detected faces -> (embeddings (F, D), unit or zero; mask (F,) bool)
@@ -405,52 +410,69 @@ def score_video(frames, clip, refs, faces_model, evaluators, args, thumb_dir):
     return rec
 
 
-def score_all(args, rows, clips, faces_model, evaluators):
-    """Scores the ground truth and every row; per_video.jsonl keeps each record as it is made."""
+def score_all(args, rows, ds, metas, faces_model, evaluators):
+    """Scores the ground truth and every row, clip by clip (one clip in memory; a stopped run has
+    comparable subsets); per_video.jsonl keeps each record as it is made. Returns {label: records}."""
     settings = dict(split=args.split, eval_frames=args.eval_frames, evaluators=sorted(evaluators),
                     face_model=args.face_model, detector=args.detector)
     log_path = os.path.join(args.out, "per_video.jsonl")
     done = {(r["label"], r["clip_id"]): r for r in read_jsonl(log_path)
             if r.get("settings") == settings and r.get("error") is None}
-    refs = {}
-    results = {}
-    for label, folder in [(GT, None)] + rows:
-        results[label] = []
-        for clip in clips:
-            key = (label, clip["clip_id"])
+    rows = [(GT, None)] + rows
+    results = {label: [] for label, _ in rows}
+    for meta in metas:
+        clip, refs = None, None
+        for label, folder in rows:
+            key = (label, meta["clip_id"])
             if key in done:
                 results[label].append(done[key])
                 continue
             t0 = time.time()
-            path = None if folder is None else find_video(folder, clip["clip_id"])
+            path = None if folder is None else find_video(folder, meta["clip_id"])
             try:
                 if folder is not None and path is None:
-                    raise FileNotFoundError(f"no video named {clip['clip_id']}.* in {folder}")
-                frames = clip["gt"] if folder is None else reward.read_video(path)
-                if clip["clip_id"] not in refs:
-                    refs[clip["clip_id"]] = clip_references(clip, faces_model, evaluators, args.out)
-                rec = score_video(frames, clip, refs[clip["clip_id"]], faces_model, evaluators, args,
+                    raise FileNotFoundError(f"no video named {meta['clip_id']}.* in {folder}")
+                frames = reward.read_video(path) if folder is not None else None
+                clip = clip or load_clip(ds, meta)
+                refs = refs or clip_references(clip, faces_model, evaluators, args.out)
+                rec = score_video(clip["gt"] if frames is None else frames, clip, refs, faces_model, evaluators, args,
                                   os.path.join(args.out, "html", safe_name(label)))
             except Exception as err:  # one bad video must not end a long run; the record says why
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
-                rec = dict(clip_id=clip["clip_id"], error=f"{type(err).__name__}: {first_line}", eval={})
-                print(f"  {label} / {clip['clip_id']}: skipped ({rec['error']})", file=sys.stderr)
-            rec.update(label=label, video=path, settings=settings,
-                       seconds=round(time.time() - t0, 2))
+                rec = dict(clip_id=meta["clip_id"], error=f"{type(err).__name__}: {first_line}", eval={})
+                print(f"  {label} / {meta['clip_id']}: skipped ({rec['error']})", file=sys.stderr)
+            rec.update(label=label, video=path, settings=settings, seconds=round(time.time() - t0, 2))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             results[label].append(rec)
-        print(f"scored {label}: {sum(r.get('error') is None for r in results[label])}/{len(clips)} videos")
+        print(f"scored clip {meta['clip_id']}: " + ", ".join(
+            f"{label} {'ok' if results[label][-1].get('error') is None else 'failed'}" for label, _ in rows))
     return results
 
 # -----------------------------------------------------------------------------
 # Generation (--ckpt): the base and each checkpoint, same seed per clip
 
 
+def check_generation(args, ds, metas):
+    """What --ckpt generation needs, checked on the first clip before any model is loaded (the
+    dataset gives every clip the same --frames and --size)."""
+    cfg = wan.get_config(args.model)
+    if not (args.vae or args.weights or cfg.repo):
+        raise ValueError(f"--vae is required to generate with the {cfg.name} preset (it has no official repo)")
+    c = load_clip(ds, metas[0])
+    st, step = cfg.vae_stride[0], cfg.vae_stride[1] * cfg.patch_size[1]
+    n, H, W = c["gt"].shape[:3]
+    if (n - 1) % st or H % step or W % step:
+        raise ValueError(f"clip {c['clip_id']}: {n} frames of {H}x{W}; generation needs {st}n+1 frames and "
+                         f"sides that are multiples of {step} (pass --frames / --size)")
+    if c["context"] is None:
+        raise ValueError(f"clip {c['clip_id']} has no cached text embedding (data.py writes it)")
+
+
 @torch.no_grad()
-def generate_videos(args, rows, clips):
-    """Fills OUT/videos/<label>/<clip_id>.mp4 with wan.generate; videos already there are kept.
-    Returns the rows with their video folders."""
+def generate_videos(args, rows, ds, metas):
+    """Fills OUT/videos/<label>/<clip_id>.mp4 with wan.generate, clip k from seed + k for every
+    checkpoint; videos already there are kept (a rerun continues). Returns (label, folder) rows."""
     import sample
     cfg = wan.get_config(args.model)
     device = torch.device(args.device)
@@ -459,22 +481,29 @@ def generate_videos(args, rows, clips):
     for label, ckpt in rows:
         folder = os.path.join(args.out, "videos", safe_name(label))
         os.makedirs(folder, exist_ok=True)
-        todo = [(k, c) for k, c in enumerate(clips) if find_video(folder, c["clip_id"]) is None]
+        todo = [m for m in metas if find_video(folder, m["clip_id"]) is None]
         if todo:
             experts = sample.load_dits(argparse.Namespace(weights=args.weights, ckpt=ckpt, lora=args.lora), cfg, device)
-            for k, clip in todo:
-                video = generate_one(cfg, experts, vae, clip, args.seed + k, args, device)
-                wan.save_video(os.path.join(folder, safe_name(clip["clip_id"]) + ".mp4"), video, cfg.sample_fps,
-                               metadata=dict(ckpt=ckpt, clip_id=clip["clip_id"], seed=args.seed + k, steps=args.steps,
-                                             shift=args.shift, solver=args.solver, model=cfg.name))
+            for meta in todo:
+                k = meta["index"]
+                try:
+                    clip = load_clip(ds, meta)
+                    video = generate_one(cfg, experts, vae, clip, args.seed + k, args, device)
+                    wan.save_video(os.path.join(folder, safe_name(clip["clip_id"]) + ".mp4"), video, cfg.sample_fps,
+                                   metadata=dict(ckpt=ckpt, clip_id=clip["clip_id"], seed=args.seed + k, model=cfg.name,
+                                                 steps=args.steps, shift=args.shift, solver=args.solver, guidance=1.0))
+                except Exception as err:  # the clip is then scored as missing; the run goes on
+                    print(f"  {label} / {meta['clip_id']}: generation failed ({type(err).__name__}: {err})", file=sys.stderr)
             del experts
+        print(f"generated {label}: {folder}")
         out_rows.append((label, folder))
     return out_rows
 
 
 def generate_one(cfg, experts, vae, clip, seed, args, device):
-    """One clip's video (3, F, H, W) in [-1, 1]: the clip's image and cached text, no CFG."""
-    image = clip["image_t"].to(device)[None]                                  # (1, 3, H, W)
+    """One clip's video (3, F, H, W) in [-1, 1] from its image and cached text, without CFG (the
+    training sampler's setting; the cached contexts carry no negative prompt)."""
+    image = clip["image_t"].float().to(device)[None]                         # (1, 3, H, W)
     frames, (H, W) = len(clip["gt"]), image.shape[-2:]
     st, sh, sw = vae.stride
     g = torch.Generator(device=device).manual_seed(seed)
@@ -484,10 +513,11 @@ def generate_one(cfg, experts, vae, clip, seed, args, device):
     else:
         video = torch.cat([image[:, :, None], image.new_zeros(1, 3, frames - 1, H, W)], dim=2)
         cond = dict(y=wan.a14b_condition(vae.encode(video)))
-    context = clip["context"].to(device)
-    z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context[None] if context.ndim == 2 else context,
-                     steps=args.steps, shift=args.shift, guidance=1.0, solver=args.solver, **cond)
-    return vae.decode(z)[0]
+    context = clip["context"].float().to(device)
+    context = context[None] if context.ndim == 2 else context                # (1, L, text_dim)
+    z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context, steps=args.steps,
+                     shift=args.shift, guidance=1.0, solver=args.solver, **cond)
+    return vae.decode(z, checkpoint=False)[0]
 
 # -----------------------------------------------------------------------------
 # Reports: JSON, Markdown table, plots, HTML
@@ -584,7 +614,7 @@ def plot_training(logs, path):
     plt.close(fig)
 
 
-def write_html(results, clips, evaluators, summary, out):
+def write_html(results, metas, evaluators, summary, out):
     """index.html: the drift plots and a summary table, then per clip the input, the pool faces,
     and every row's sampled frames with their per-frame FaceSim (each evaluator) under each."""
     primary = next(iter(evaluators))
@@ -606,12 +636,12 @@ def write_html(results, clips, evaluators, summary, out):
         parts.append(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{fmt(per[n]['face_sim'])}</td><td>{fmt(per[n]['fsm'])}</td>"
                      for n in evaluators) + f"<td>{fmt(first['flicker'])}</td><td>{fmt(first['motion'], 3)}</td></tr>")
     parts.append("</table>")
-    for clip in clips:
-        cid = clip["clip_id"]
+    for meta in metas:
+        cid = meta["clip_id"]
         folder = os.path.join("html", safe_name(cid))
         pool = sorted(n for n in os.listdir(os.path.join(out, folder)) if n.startswith("pool_")) \
             if os.path.isdir(os.path.join(out, folder)) else []
-        parts.append(f"<h2>{esc(cid)}</h2><p>{esc(str(clip['caption']))}</p><table><tr><td><b>input</b><br>"
+        parts.append(f"<h2>{esc(cid)}</h2><p>{esc(meta['caption'])}</p><table><tr><td><b>input</b><br>"
                      f"<img src='{folder}/input.jpg'></td><td><b>ground-truth pool faces ({len(pool)})</b><br>"
                      + "".join(f"<img src='{folder}/{n}'> " for n in pool) + "</td></tr></table><table>")
         for label, recs in results.items():
@@ -636,13 +666,13 @@ def write_html(results, clips, evaluators, summary, out):
         fh.write("\n".join(parts) + "\n")
 
 
-def write_reports(args, results, clips, evaluators):
+def write_reports(args, results, metas, evaluators):
     summary = {label: {name: summarize(recs, results[GT], name, args.stiff_ratio) for name in evaluators}
                for label, recs in results.items()}
     drifts = {name: {label: drift_curve(recs, name) for label, recs in results.items()} for name in evaluators}
     report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()}, summary=summary,
                   drift={n: {label: {str(t): v for t, v in c.items()} for label, c in d.items()} for n, d in drifts.items()},
-                  clips=[c["clip_id"] for c in clips])
+                  clips=[m["clip_id"] for m in metas])
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     write_table(summary, evaluators, os.path.join(args.out, "table.md"))
@@ -650,7 +680,7 @@ def write_reports(args, results, clips, evaluators):
         plot_drift(drifts[name], desc, os.path.join(args.out, f"drift_{name}.png"))
     if args.train_log:
         plot_training(args.train_log, os.path.join(args.out, "training.png"))
-    write_html(results, clips, evaluators, summary, args.out)
+    write_html(results, metas, evaluators, summary, args.out)
     return summary
 
 
@@ -659,17 +689,19 @@ def main(argv=None):
     args = get_args(argv)
     print(json.dumps(vars(args)))
     try:
-        rows = check_inputs(args)
-        clips = load_clips(args)
-        if not clips:
+        rows, gen = check_inputs(args)
+        ds, metas = open_clips(args)
+        if not metas:
             raise ValueError(f"--data {args.data}: the {args.split!r} split has no clips")
+        if gen:
+            check_generation(args, ds, metas)
         faces_model, evaluators = load_evaluators(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"error: {err}")
-    if args.ckpt:
-        rows = generate_videos(args, rows, clips)
-    results = score_all(args, rows, clips, faces_model, evaluators)
-    summary = write_reports(args, results, clips, evaluators)
+    if gen:
+        rows += generate_videos(args, gen, ds, metas)
+    results = score_all(args, rows, ds, metas, faces_model, evaluators)
+    summary = write_reports(args, results, metas, evaluators)
     with open(os.path.join(args.out, "table.md")) as fh:
         print(fh.read())
     return summary
