@@ -23,7 +23,8 @@ image, x_hat_i the generated frames and x_j the ground-truth pool faces:
     drift       the per-frame terms of FaceSim, by frame index: where identity is lost in time
     FSM         1/|I| sum_{i in I} 1/N sum_j cos(phi(x_hat_i), phi(x_j))    (Eq. 5-6, computed by
                 reward.fsm_reward; 0 when I is empty; the pool = faces of the ground-truth clip at
-                its pool_frames, which exclude frame 0, re-embedded by each evaluator)
+                its pool_frames, which exclude frame 0, at most EVAL_FRAMES of them evenly spaced,
+                re-embedded by each evaluator)
     copy gap    1/|I| sum_i cos(phi(x_hat_i), phi(x_img)) - FSM: likeness to the input photo minus
                 likeness to the same person in the rest of the clip; compare with the ground truth row
     face var    1 - mean_{i<j in I} cos(phi(x_hat_i), phi(x_hat_j)): how much the face changes
@@ -54,7 +55,7 @@ Evaluators (--evaluator, repeatable): faces are found once per frame by the rewa
            the number the training optimised, not an independent judge.
 
 Outputs in OUT: per_video.jsonl (one line per video, written as soon as it is scored; a rerun
-with the same settings skips videos already scored), results.json, table.md (Table 1 shape, one
+with the same settings skips the videos it already scored), results.json, table.md (Table 1 shape, one
 row per checkpoint, one table per evaluator), drift_<evaluator>.png, training.png (reward and KL
 per step from train.py's JSONL logs, Fig. 3's analog), index.html (per clip: input, pool faces,
 sampled frames of every checkpoint with their per-frame similarity).
@@ -147,12 +148,15 @@ def open_clips(args):
     return ds, metas
 
 
-def load_clip(ds, meta):
-    """One clip as plain arrays: image and gt uint8, pool frame indices, and what generation needs."""
+def load_clip(ds, meta, max_pool=0):
+    """One clip as plain arrays: image and gt uint8, pool frame indices (at most max_pool of them,
+    evenly spaced, when > 0), and what generation needs."""
     rec = ds[meta["index"]]
     gt = to_uint8(rec["video"])                                              # (F, H, W, 3)
     pool = rec.get("pool_frames")
     pool = list(range(1, len(gt))) if pool is None else [int(i) for i in pool if 0 <= int(i) < len(gt)]
+    if 0 < max_pool < len(pool):
+        pool = [pool[i] for i in np.round(np.linspace(0, len(pool) - 1, max_pool)).astype(int)]
     return dict(meta, image=to_uint8(rec["image"]), gt=gt, pool_frames=pool, image_t=rec["image"],
                 context=rec.get("context"))
 
@@ -213,6 +217,7 @@ def check_inputs(args):
 
 
 def reward_embedder(faces_model):
+    """The reward's own recognizer (reward.py): its alignment to the ArcFace template and its network."""
     def embed(frames, faces):
         mask = torch.tensor([bool(f) for f in faces], dtype=torch.bool)
         emb = torch.zeros(len(faces), faces_model.embedder.dim)
@@ -300,10 +305,11 @@ def face_variation(gen, mask):
 
 def temporal_flicker(frames):
     """VBench temporal flickering: (255 - mean over t of mean |f_{t+1} - f_t|) / 255 on uint8 frames."""
+    import cv2
     if len(frames) < 2:
         return None
-    f = frames.astype(np.float32)
-    return float((255.0 - np.abs(f[1:] - f[:-1]).mean()) / 255.0)
+    mean_abs = np.mean([cv2.absdiff(a, b).mean() for a, b in zip(frames[:-1], frames[1:])])  # pair by pair: memory
+    return float((255.0 - mean_abs) / 255.0)
 
 
 def motion_amount(frames, side=MOTION_SIDE):
@@ -314,7 +320,8 @@ def motion_amount(frames, side=MOTION_SIDE):
     h, w = frames.shape[1:3]
     s = side / max(h, w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    gray = [cv2.resize(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    gray = [cv2.resize(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY), size, interpolation=interp)
             for f in frames]
     mags = [np.linalg.norm(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0), axis=-1).mean()
             for a, b in zip(gray[:-1], gray[1:])]
@@ -423,17 +430,17 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
     for meta in metas:
         clip, refs = None, None
         for label, folder in rows:
+            path = None if folder is None else find_video(folder, meta["clip_id"])
             key = (label, meta["clip_id"])
-            if key in done:
+            if key in done and done[key].get("video") == path:       # scored by an earlier run
                 results[label].append(done[key])
                 continue
             t0 = time.time()
-            path = None if folder is None else find_video(folder, meta["clip_id"])
             try:
                 if folder is not None and path is None:
                     raise FileNotFoundError(f"no video named {meta['clip_id']}.* in {folder}")
                 frames = reward.read_video(path) if folder is not None else None
-                clip = clip or load_clip(ds, meta)
+                clip = clip or load_clip(ds, meta, args.eval_frames)
                 refs = refs or clip_references(clip, faces_model, evaluators, args.out)
                 rec = score_video(clip["gt"] if frames is None else frames, clip, refs, faces_model, evaluators, args,
                                   os.path.join(args.out, "html", safe_name(label)))
@@ -559,8 +566,11 @@ def write_table(summary, evaluators, path):
         lines.append("")
     lines.append("FaceSim: mean max(0, cos) to the input image's face; FSM: Eq. 5-6 against the ground-truth "
                  "pool; copy gap: cos to the input minus FSM; face var: 1 - mean pairwise cos of the video's "
-                 "faces; stiff: face var < ratio x the ground truth's; flicker: VBench (255 - mean |dframe|)/255; "
-                 f"motion: Farneback px at {MOTION_SIDE} px. Definitions: eval.py's docstring.")
+                 "faces; stiff: face var < ratio x the ground truth's (our proxy for Table 6's hacking rate); "
+                 f"flicker: VBench (255 - mean |dframe|)/255; motion: Farneback px at {MOTION_SIDE} px. "
+                 "A video without any face counts 0 in FaceSim and FSM. Definitions: eval.py's docstring.")
+    failed = [f"- {label} / {f}" for label, per in summary.items() for f in next(iter(per.values()))["failed"]]
+    lines += ["", "Videos not scored:", *failed] if failed else []
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
