@@ -4,10 +4,14 @@
     python eval.py --data runs/data --videos out/base --videos out/ipro --out runs/eval \
         --train-log runs/ipro/train.jsonl
 
-With --ckpt, the base model and every checkpoint generate one video per eval clip with the same
-seed per clip (wan.generate, the repository's one sampling loop) into OUT/videos/<label>/; with
---videos, folders of videos already generated (one <clip_id>.mp4 per clip; label = folder name)
-are scored. The clips' own ground-truth videos are always scored too, as the reference row.
+With --ckpt, the base model (--model, --weights, --lora) and each checkpoint (full DiT weights
+with official key names, or a LoRA, loaded by sample.load_dits) generate one video per eval clip
+into OUT/videos/<label>/ with wan.generate, the repository's one sampling loop: clip k starts
+from the noise of seed + k for every checkpoint, with the clip's image and cached caption
+embedding, and the training sampler (Euler, 8 steps, shift 5, no CFG) unless told otherwise.
+With --videos, folders of videos already generated (one <clip_id>.mp4 per clip; label = folder
+name) are scored; both can be given. The eval clips' own videos are always scored too, as the
+reference row "ground truth".
 
 What IPRO (Shen et al., arXiv 2510.14255) reports and what we measure: Table 1 compares FaceSim
 (Wan2.2-5B: 0.3788 -> 0.5460 after IPRO) and VBench-I2V dimensions that should not move;
