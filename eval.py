@@ -614,7 +614,11 @@ def plot_training(logs, path):
             pts = [(r.get("step", i + 1), r[key]) for i, r in enumerate(recs)
                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts), label=name, lw=1)
+                steps, vals = np.array(pts, dtype=np.float64).T
+                line, = ax.plot(steps, vals, lw=0.8, alpha=0.35)
+                w = max(1, len(vals) // 20)                  # a moving average: per-step values are noisy
+                smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+                ax.plot(steps[w - 1:], smooth, color=line.get_color(), lw=1.6, label=f"{name} (mean of {w})")
     for ax, key in zip(axes, ("R_face (reward)", "multi-step KL")):
         ax.set_xlabel("step")
         ax.set_title(key)
