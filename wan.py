@@ -12,6 +12,7 @@ Conventions used everywhere in this file:
     "timestep"), the flow-matching sigma is t itself: x_t = (1 - sigma) * x_0 + sigma * noise,
     and the model predicts the velocity v = noise - x_0.
 """
+import html
 import json
 import math
 import os
@@ -96,7 +97,8 @@ CONFIGS = {
     "tiny": WanConfig(
         in_dim=16, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
         num_layers=2, text_len=32, name="tiny", repo="", vae_stride=(4, 8, 8),
-        vae_kwargs=dict(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1),
+        vae_kwargs=dict(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
+                        temperal_downsample=(True, True)),   # 2 levels, both in time: stride 4x8x8
         t5_kwargs=dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
                        num_buckets=8),
         sample_steps=8, sample_guide_scale=1.0, sample_fps=8, frame_num=9, size=(64, 64)),
@@ -536,6 +538,691 @@ def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
         model = WanModel(cfg)
     load_strict(model, read_state_dict(path), f"DiT weights {path}")
     return model.to(device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# VAEs (Wan2.2 and Wan2.1): causal 3-D conv autoencoders, run chunk by chunk
+#
+# Official code: wan/modules/vae2_2.py and vae2_1.py. A video of F = 4n+1 frames is encoded in
+# chunks of 1, 4, 4, ... frames and a latent is decoded one latent frame at a time. Every
+# temporal conv carries the last CACHE_T frames it saw into the next chunk, so the result is a
+# causal convolution over the whole clip while only one chunk's activations exist at a time.
+
+CACHE_T = 2  # frames of history a causal kernel-3 conv needs from the previous chunk
+
+# Latent statistics of the released VAEs, from the official wrappers Wan2_2_VAE / Wan2_1_VAE
+# (they are not in the .pth files). encode() returns (mu - mean) / std.
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+class Cache:
+    """Frames that causal layers carry from one chunk to the next, keyed by layer.
+
+    Layers read `prev` (left by the previous chunk) and write `next`; nothing is changed in
+    place, so a checkpointed chunk that is recomputed during backward reads the same frames.
+    """
+
+    def __init__(self, prev=None):
+        self.first = prev is None  # the first chunk holds one frame and skips temporal resampling
+        self.prev = prev or {}
+        self.next = {}
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d whose output frame t sees input frames t-2..t only (kernel 3 in time).
+
+    The two frames before a chunk are the previous chunk's last frames, or zeros at the start.
+    Space is zero-padded by the conv itself (official: F.pad then an unpadded conv; same numbers,
+    one copy less).
+    """
+
+    def __init__(self, in_dim, out_dim, kernel=(3, 3, 3)):
+        super().__init__(in_dim, out_dim, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
+
+    def forward(self, x, cache):
+        prev = cache.prev.get(self)
+        if prev is not None:
+            x = torch.cat([prev, x], dim=2)
+        cache.next[self] = x[:, :, -CACHE_T:].clone()  # clone: a slice would keep all of x alive
+        missing = self.kernel_size[0] - 1 - (0 if prev is None else prev.shape[2])
+        if missing:
+            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+        return super().forward(x)
+
+
+class ChannelRMSNorm(nn.Module):
+    """x / ||x||_channels * sqrt(C) * gamma (the official RMS_norm, without its unused bias)."""
+
+    def __init__(self, dim, video=True):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if video else torch.ones(dim, 1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * (self.gamma * self.scale)
+
+
+# Layers that need no cache; every other VAE layer is called as layer(x, cache).
+STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout, nn.Identity)
+
+
+def run(layers, x, cache):
+    for layer in layers:
+        x = layer(x) if isinstance(layer, STATELESS) else layer(x, cache)
+    return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim, dropout=0.0):
+        super().__init__()
+        # nn.Sequential so the keys are the official residual.{0,2,3,6}.
+        self.residual = nn.Sequential(
+            ChannelRMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim),
+            ChannelRMSNorm(out_dim), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim))
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, cache):
+        return run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame; frames do not attend to each other."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = ChannelRMSNorm(dim, video=False)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.proj.weight)  # official init: a new block adds (almost) nothing
+
+    def forward(self, x, cache=None):
+        B, C, T, H, W = x.shape
+        h = self.norm(x.transpose(1, 2).flatten(0, 1))                            # (B*T, C, H, W)
+        q, k, v = self.to_qkv(h).flatten(2).transpose(1, 2).chunk(3, dim=-1)      # each (B*T, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj(h.transpose(1, 2).unflatten(2, (H, W)))                     # (B*T, C, H, W)
+        return x + h.unflatten(0, (B, T)).transpose(1, 2)                         # (B, C, T, H, W)
+
+
+class Resample(nn.Module):
+    """2x down- or up-sampling in space (per frame), and in time for the "3d" modes.
+
+    Time, as the official code does it: downsample3d passes the first chunk's single frame
+    through and afterwards convolves (stride 2) each chunk with the previous chunk's last frame;
+    upsample3d keeps the first chunk's frame single (the official "Rep" sentinel) and afterwards
+    turns every frame into two with a causal conv whose history starts as zeros, which is what
+    the official code does on the chunk after "Rep".
+    """
+
+    def __init__(self, dim, mode, up_dim=None):
+        super().__init__()
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, up_dim, 3, padding=1))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+        elif mode == "downsample3d":
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x, cache):
+        if self.mode == "upsample3d" and not cache.first:
+            B, C, T, H, W = x.shape
+            x = self.time_conv(x, cache).view(B, 2, C, T, H, W)
+            x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, T * 2, H, W)   # frame t -> (2t, 2t+1)
+        B, T = x.shape[0], x.shape[2]
+        x = self.resample(x.transpose(1, 2).flatten(0, 1))              # (B*T, C', H', W')
+        x = x.unflatten(0, (B, T)).transpose(1, 2)                       # (B, C', T, H', W')
+        if self.mode == "downsample3d":
+            last = x[:, :, -1:].clone()
+            if not cache.first:
+                x = self.time_conv(torch.cat([cache.prev[self], x], dim=2))
+            cache.next[self] = last
+        return x
+
+
+def patchify(x, p):
+    """(B, C, F, H, W) -> (B, C*p*p, F, H/p, W/p); channels ordered (c, w offset, h offset) as official."""
+    if p == 1:
+        return x
+    B, C, f, H, W = x.shape
+    x = x.view(B, C, f, H // p, p, W // p, p).permute(0, 1, 6, 4, 2, 3, 5)  # (B, C, pw, ph, F, H/p, W/p)
+    return x.reshape(B, C * p * p, f, H // p, W // p)
+
+
+def unpatchify(x, p):
+    if p == 1:
+        return x
+    B, C, f, H, W = x.shape
+    x = x.view(B, C // (p * p), p, p, f, H, W).permute(0, 1, 4, 5, 3, 6, 2)  # (B, C, F, H, ph, W, pw)
+    return x.reshape(B, C // (p * p), f, H * p, W * p)
+
+
+def fold(x, ft, fs):
+    """(B, C, T, H, W) -> (B, C*ft*fs*fs, T/ft, H/fs, W/fs): sub-grid offsets become channels.
+
+    Time is zero-padded at the front to a multiple of ft first (official AvgDown3D).
+    """
+    x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
+    B, C, T, H, W = x.shape
+    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, ft, fs, fs, T', H', W')
+    return x.reshape(B, C * ft * fs * fs, T // ft, H // fs, W // fs)
+
+
+def unfold(x, ft, fs):
+    """Inverse of fold (without the padding): (B, C*ft*fs*fs, T, H, W) -> (B, C, T*ft, H*fs, W*fs)."""
+    B, C, T, H, W = x.shape
+    x = x.view(B, C // (ft * fs * fs), ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C', T, ft, H, fs, W, fs)
+    return x.reshape(B, C // (ft * fs * fs), T * ft, H * fs, W * fs)
+
+
+class DownBlock(nn.Module):
+    """A Wan2.2 encoder level: residual blocks and a resample, plus a parameter-free shortcut that
+    folds the down-sampled offsets into channels and averages groups of them (official
+    Down_ResidualBlock with AvgDown3D)."""
+
+    def __init__(self, in_dim, out_dim, dropout, num_res_blocks, down_time, down_space):
+        super().__init__()
+        self.ft, self.fs, self.out_dim = 2 if down_time else 1, 2 if down_space else 1, out_dim
+        if (in_dim * self.ft * self.fs**2) % out_dim:
+            raise ValueError(f"Wan2.2 VAE level {in_dim}->{out_dim}: the shortcut cannot average evenly")
+        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks)]
+        if down_space:
+            layers.append(Resample(out_dim, "downsample3d" if down_time else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+
+    def forward(self, x, cache):
+        short = fold(x, self.ft, self.fs)                                  # (B, C*ft*fs*fs, T', H', W')
+        short = short.unflatten(1, (self.out_dim, -1)).mean(2)             # (B, out_dim, T', H', W')
+        return run(self.downsamples, x, cache) + short
+
+
+class UpBlock(nn.Module):
+    """A Wan2.2 decoder level: residual blocks and a resample, plus a parameter-free shortcut that
+    repeats channels and unfolds them into the up-sampled offsets (official Up_ResidualBlock with
+    DupUp3D). On the first chunk only the last of the ft new frames is kept, matching the
+    main path, which does not upsample the first frame in time."""
+
+    def __init__(self, in_dim, out_dim, dropout, num_res_blocks, up_time, up_space):
+        super().__init__()
+        self.ft, self.up_space = 2 if up_time else 1, up_space
+        if up_space and (out_dim * self.ft * 4) % in_dim:
+            raise ValueError(f"Wan2.2 VAE level {in_dim}->{out_dim}: the shortcut cannot repeat evenly")
+        self.repeats = out_dim * self.ft * 4 // in_dim
+        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks + 1)]
+        if up_space:
+            layers.append(Resample(out_dim, "upsample3d" if up_time else "upsample2d", up_dim=out_dim))
+        self.upsamples = nn.Sequential(*layers)
+
+    def forward(self, x, cache):
+        out = run(self.upsamples, x, cache)
+        if not self.up_space:
+            return out
+        short = unfold(x.repeat_interleave(self.repeats, dim=1), self.ft, 2)  # (B, out_dim, T*ft, 2H, 2W)
+        if cache.first:
+            short = short[:, :, self.ft - 1:]
+        return out + short
+
+
+class Encoder3d(nn.Module):
+    """Video (patchified for 2.2) -> 2*z channels; `residual` selects the Wan2.2 level layout."""
+
+    def __init__(self, in_channels, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample,
+                 dropout, residual):
+        super().__init__()
+        dims = [dim * m for m in (1, *dim_mult)]
+        self.conv1 = CausalConv3d(in_channels, dims[0])
+        layers, scale = [], 1.0
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            down = i < len(dim_mult) - 1
+            down_time = down and temperal_downsample[i]
+            if residual:
+                layers.append(DownBlock(cin, cout, dropout, num_res_blocks, down_time, down))
+                continue
+            for _ in range(num_res_blocks):
+                layers.append(ResidualBlock(cin, cout, dropout))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(cout))
+                cin = cout
+            if down:
+                layers.append(Resample(cout, "downsample3d" if down_time else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(ResidualBlock(cout, cout, dropout), AttentionBlock(cout),
+                                    ResidualBlock(cout, cout, dropout))
+        self.head = nn.Sequential(ChannelRMSNorm(cout), nn.SiLU(), CausalConv3d(cout, z_dim))
+
+    def forward(self, x, cache):
+        return run([self.conv1, *self.downsamples, *self.middle, *self.head], x, cache)
+
+
+class Decoder3d(nn.Module):
+    """z channels -> video (patchified for 2.2); `residual` selects the Wan2.2 level layout."""
+
+    def __init__(self, dim, z_dim, out_channels, dim_mult, num_res_blocks, attn_scales, temperal_upsample,
+                 dropout, residual):
+        super().__init__()
+        dims = [dim * m for m in (dim_mult[-1], *reversed(dim_mult))]
+        self.conv1 = CausalConv3d(z_dim, dims[0])
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0], dropout))
+        layers, scale = [], 1.0 / 2 ** (len(dim_mult) - 2)
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            up = i < len(dim_mult) - 1
+            up_time = up and temperal_upsample[i]
+            if residual:
+                layers.append(UpBlock(cin, cout, dropout, num_res_blocks, up_time, up))
+                continue
+            if i > 0:
+                cin //= 2  # the Wan2.1 upsample conv before this level halved the channels (official: i in 1..3)
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResidualBlock(cin, cout, dropout))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(cout))
+                cin = cout
+            if up:
+                layers.append(Resample(cout, "upsample3d" if up_time else "upsample2d", up_dim=cout // 2))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(ChannelRMSNorm(cout), nn.SiLU(), CausalConv3d(cout, out_channels))
+
+    def forward(self, x, cache):
+        return run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
+
+
+def vae_stride(patch, dim_mult, temperal_downsample):
+    """(time, height, width) compression; checks the level flags (the official code would index past them)."""
+    if len(temperal_downsample) != len(dim_mult) - 1:
+        raise ValueError(f"temperal_downsample needs one flag per down-sampling level ({len(dim_mult) - 1}), "
+                         f"got {tuple(temperal_downsample)}")
+    st = 2 ** sum(map(bool, temperal_downsample))
+    if 4 % st:
+        raise ValueError(f"temporal stride {st}: encoding in chunks of 4 frames needs a stride dividing 4")
+    return (st, patch * 2 ** (len(dim_mult) - 1), patch * 2 ** (len(dim_mult) - 1))
+
+
+def latent_stats(mean, std, z_dim):
+    """Released tables when z_dim matches them, else mean 0 and std 1 (smaller test models)."""
+    if z_dim != len(mean):
+        return torch.zeros(z_dim), torch.ones(z_dim)
+    return torch.tensor(mean), torch.tensor(std)
+
+
+class WanVAE22(nn.Module):
+    """The Wan2.2 VAE (TI2V-5B): 2x2 patchify, residual down/up levels, a wider decoder.
+
+    Defaults build the released Wan2.2_VAE.pth (the official Wan2_2_VAE wrapper's arguments):
+    z 48, stride 4x16x16, 196 keys, 704,688,668 parameters. `mean`/`std` are plain attributes,
+    not buffers, so the state dict equals the official one.
+    """
+
+    patch = 2
+
+    def __init__(self, dim=160, dec_dim=256, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
+                 temperal_downsample=(False, True, True), dropout=0.0):
+        super().__init__()
+        if attn_scales:
+            raise ValueError("the Wan2.2 VAE has no attention at its levels (official code ignores attn_scales)")
+        self.z_dim = z_dim
+        self.stride = vae_stride(self.patch, dim_mult, temperal_downsample)
+        c = 3 * self.patch**2
+        self.encoder = Encoder3d(c, dim, z_dim * 2, dim_mult, num_res_blocks, (), temperal_downsample,
+                                 dropout, residual=True)
+        self.conv1 = nn.Conv3d(z_dim * 2, z_dim * 2, 1)   # -> (mu, log_var)
+        self.conv2 = nn.Conv3d(z_dim, z_dim, 1)
+        self.decoder = Decoder3d(dec_dim, z_dim, c, dim_mult, num_res_blocks, (), temperal_downsample[::-1],
+                                 dropout, residual=True)
+        self.mean, self.std = latent_stats(WAN22_LATENT_MEAN, WAN22_LATENT_STD, z_dim)
+
+    def encode(self, video):
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/16, W/16)."""
+        return vae_encode(self, video)
+
+    def decode(self, z, chunk=1, checkpoint=True):
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 16h, 16w) in [-1, 1]."""
+        return vae_decode(self, z, chunk, checkpoint)
+
+
+class WanVAE21(nn.Module):
+    """The Wan2.1 VAE (I2V-A14B): defaults build the released Wan2.1_VAE.pth (the official
+    Wan2_1_VAE wrapper's arguments): z 16, stride 4x8x8, 194 keys, 126,892,531 parameters."""
+
+    patch = 1
+
+    def __init__(self, dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
+                 temperal_downsample=(False, True, True), dropout=0.0):
+        super().__init__()
+        self.z_dim = z_dim
+        self.stride = vae_stride(self.patch, dim_mult, temperal_downsample)
+        self.encoder = Encoder3d(3, dim, z_dim * 2, dim_mult, num_res_blocks, attn_scales, temperal_downsample,
+                                 dropout, residual=False)
+        self.conv1 = nn.Conv3d(z_dim * 2, z_dim * 2, 1)
+        self.conv2 = nn.Conv3d(z_dim, z_dim, 1)
+        self.decoder = Decoder3d(dim, z_dim, 3, dim_mult, num_res_blocks, attn_scales, temperal_downsample[::-1],
+                                 dropout, residual=False)
+        self.mean, self.std = latent_stats(WAN21_LATENT_MEAN, WAN21_LATENT_STD, z_dim)
+
+    def encode(self, video):
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/8, W/8)."""
+        return vae_encode(self, video)
+
+    def decode(self, z, chunk=1, checkpoint=True):
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 8h, 8w) in [-1, 1]."""
+        return vae_decode(self, z, chunk, checkpoint)
+
+
+def check_video(vae, video):
+    st, sh, sw = vae.stride
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be (B, 3, F, H, W) RGB, got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be a float tensor in [-1, 1], got {video.dtype}")
+    f, h, w = video.shape[2:]
+    if (f - 1) % 4:
+        raise ValueError(f"video has {f} frames; the VAE encodes 4n+1 frames (1, 5, 9, ...)")
+    if h % sh or w % sw:
+        raise ValueError(f"video size {h}x{w} is not divisible by the VAE's spatial stride {sh}x{sw}")
+    lo, hi = video.detach().aminmax()
+    if lo < -1.5 or hi > 1.5:  # a little overshoot (e.g. bicubic resizing) is accepted as is
+        raise ValueError(f"pixels must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                         f"(0-255 images: x / 127.5 - 1)")
+
+
+def vae_encode(vae, video):
+    """Normalised latent (mu - mean) / std of the official wrapper; log_var is dropped."""
+    check_video(vae, video)
+    x = patchify(video, vae.patch)                                     # (B, 3*p*p, F, H/p, W/p)
+    f = x.shape[2]
+    outs, prev = [], None
+    for start, end in [(0, 1)] + [(s, s + 4) for s in range(1, f, 4)]:
+        cache = Cache(prev)
+        outs.append(vae.encoder(x[:, :, start:end], cache))
+        prev = cache.next
+    mu, _log_var = vae.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)   # (B, z, f', h, w) each
+    shape = (1, -1, 1, 1, 1)
+    return (mu - vae.mean.to(mu).view(shape)) / vae.std.to(mu).view(shape)
+
+
+def vae_decode(vae, z, chunk=1, checkpoint=True):
+    """Decode the first latent frame alone, then `chunk` latent frames at a time (official: 1).
+
+    With gradients on and checkpoint=True each chunk is recomputed during backward
+    (torch.utils.checkpoint), so backward through a long clip holds one chunk's activations plus
+    the small per-layer caches. The output is clamped to [-1, 1] as in the official wrapper.
+    """
+    if z.ndim != 5 or z.shape[1] != vae.z_dim:
+        raise ValueError(f"latent must be (B, {vae.z_dim}, f, h, w), got shape {tuple(z.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    shape = (1, -1, 1, 1, 1)
+    x = vae.conv2(z * vae.std.to(z).view(shape) + vae.mean.to(z).view(shape))
+
+    def step(x_chunk, prev):
+        cache = Cache(prev)
+        return vae.decoder(x_chunk, cache), cache.next
+
+    f = x.shape[2]
+    outs, prev = [], None
+    for start, end in [(0, 1)] + [(s, min(s + chunk, f)) for s in range(1, f, chunk)]:
+        if checkpoint and torch.is_grad_enabled():
+            out, prev = torch.utils.checkpoint.checkpoint(step, x[:, :, start:end], prev, use_reentrant=False)
+        else:
+            out, prev = step(x[:, :, start:end], prev)
+        outs.append(out)
+    return unpatchify(torch.cat(outs, dim=2), vae.patch).clamp(-1.0, 1.0)   # (B, 3, F, H, W)
+
+
+VAE_FILES = {"2.2": "Wan2.2_VAE.pth", "2.1": "Wan2.1_VAE.pth"}
+
+
+def build_vae(cfg):
+    """The VAE of a preset (cfg.vae "2.2" or "2.1"), randomly initialised; cfg.vae_kwargs override sizes."""
+    classes = {"2.2": WanVAE22, "2.1": WanVAE21}
+    if cfg.vae not in classes:
+        raise ValueError(f"unknown VAE {cfg.vae!r}; choose one of {sorted(classes)}")
+    return classes[cfg.vae](**cfg.vae_kwargs)
+
+
+def load_vae(cfg, src, dtype=torch.float32, device="cpu"):
+    """The official VAE .pth (Wan2.2_VAE.pth / Wan2.1_VAE.pth) from a folder, repo id or the file itself;
+    returned frozen and in eval mode."""
+    name = VAE_FILES[cfg.vae] if cfg.vae in VAE_FILES else None
+    path = src if os.path.isfile(src) else os.path.join(resolve(src, [name]), name)
+    with torch.device("meta"):
+        vae = build_vae(cfg)
+    load_strict(vae, read_state_dict(path), f"VAE weights {path}")
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# umT5 text encoder and tokenizer
+#
+# Official code: wan/modules/t5.py (encoder of umT5-XXL) and wan/modules/tokenizers.py. umT5 is
+# T5 with a relative-position bias in every layer (shared_pos False) and, like all T5s, no
+# 1/sqrt(d) scaling of the attention logits. The official fp16_clamp is omitted: it acts on
+# float16 only, and we run float32 (CPU) or bfloat16.
+
+
+def relative_buckets(n, num_buckets, max_dist=128, device=None):
+    """(n, n) bucket of key position minus query position, bidirectional T5 bucketing: half the
+    buckets per direction, exact below half of those, logarithmic up to max_dist, then clipped."""
+    rel = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    dist = rel.abs()
+    exact = half // 2
+    log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(max_dist / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return bucket + torch.where(dist < exact, dist, far)
+
+
+class T5RelativeBias(nn.Module):
+    def __init__(self, num_buckets, num_heads):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, n):
+        bucket = relative_buckets(n, self.num_buckets, device=self.embedding.weight.device)
+        return self.embedding(bucket).permute(2, 0, 1)[None]  # (1, heads, n, n)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, dim, dim_attn, num_heads, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, bias):
+        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, heads, L, d)
+                   for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # T5: no scaling
+        return self.dropout(self.o(out.transpose(1, 2).flatten(2)))               # (B, L, dim)
+
+
+class T5FeedForward(nn.Module):
+    """Gated GELU (tanh approximation): fc2(fc1(x) * gelu(gate(x)))."""
+
+    def __init__(self, dim, dim_ffn, dropout):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(self.fc1(x) * self.gate(x))))
+
+
+class T5Block(nn.Module):
+    def __init__(self, dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps=1e-6)  # T5LayerNorm is this RMS norm
+        self.attn = T5Attention(dim, dim_attn, num_heads, dropout)
+        self.norm2 = RMSNorm(dim, eps=1e-6)
+        self.ffn = T5FeedForward(dim, dim_ffn, dropout)
+        self.pos_embedding = None if shared_pos else T5RelativeBias(num_buckets, num_heads)
+
+    def forward(self, x, bias):
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.ffn(self.norm2(x))
+
+
+class T5Encoder(nn.Module):
+    """The umT5 encoder. forward(ids (B, L), mask (B, L) of 1/0 or None) -> (B, L, dim).
+
+    Defaults are umT5-XXL as the official umt5_xxl() builds it (models_t5_umt5-xxl-enc-bf16.pth:
+    242 keys, 5,680,910,336 parameters). Padded keys are masked; padded queries still get outputs.
+    """
+
+    def __init__(self, vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
+                 num_buckets=32, shared_pos=False, dropout=0.1):
+        super().__init__()
+        if dim_attn % num_heads:
+            raise ValueError(f"dim_attn {dim_attn} is not divisible by num_heads {num_heads}")
+        self.dim, self.shared_pos = dim, shared_pos
+        self.token_embedding = nn.Embedding(vocab, dim)
+        self.pos_embedding = T5RelativeBias(num_buckets, num_heads) if shared_pos else None
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(T5Block(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout)
+                                    for _ in range(num_layers))
+        self.norm = RMSNorm(dim, eps=1e-6)
+
+    def forward(self, ids, mask=None):
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be (B, L), got shape {tuple(ids.shape)}")
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match ids {tuple(ids.shape)}")
+        if ids.numel() and int(ids.max()) >= self.token_embedding.num_embeddings:
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({self.token_embedding.num_embeddings})")
+        x = self.dropout(self.token_embedding(ids))                    # (B, L, dim)
+        n = ids.shape[1]
+        shared = self.pos_embedding(n) if self.shared_pos else None
+        for block in self.blocks:
+            bias = shared if self.shared_pos else block.pos_embedding(n)  # (1, heads, L, L)
+            if mask is not None:
+                # Official: masked logits are replaced by the dtype's minimum.
+                bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, heads, L, L)
+            x = block(x, bias)
+        return self.dropout(self.norm(x))
+
+
+def clean_prompt(text):
+    """The official "whitespace" cleaning without ftfy: HTML-unescape twice, collapse whitespace.
+
+    (ftfy only repairs mis-decoded text such as mojibake; well-formed prompts are unchanged.)
+    """
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
+def pad_ids(seqs, text_len, eos, pad):
+    """Truncate each id list to text_len - 1, append eos, right-pad: ids and mask (B, text_len) int64."""
+    ids = torch.full((len(seqs), text_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), text_len), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        seq = list(seq[: text_len - 1]) + [eos]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+class T5Tokenizer:
+    """The umT5 tokenizer from the `google/umt5-xxl` folder of the official Wan repos (tokenizer.json).
+
+    tokenizer(prompts) -> ids, mask (B, text_len): cleaned text, </s> appended, padded with <pad>,
+    truncated to text_len like the official HuggingfaceTokenizer (padding="max_length").
+    """
+
+    def __init__(self, folder, text_len=512):
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        self.tokenizer.no_padding()      # padding and truncation are ours (pad_ids), whatever the file says
+        self.tokenizer.no_truncation()
+        self.text_len = text_len
+        self.eos, self.pad = self.tokenizer.token_to_id("</s>"), self.tokenizer.token_to_id("<pad>")
+        if self.eos is None or self.pad is None:
+            raise ValueError(f"{folder}/tokenizer.json has no </s> or <pad> token: not a T5 tokenizer")
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        encoded = self.tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
+        return pad_ids([e.ids for e in encoded], self.text_len, self.eos, self.pad)
+
+
+class ByteTokenizer:
+    """Offline stand-in for the tiny preset: UTF-8 bytes + 3 (ids 0 <pad>, 1 </s>, 2 <unk> as in T5)."""
+
+    pad, eos, offset = 0, 1, 3
+
+    def __init__(self, text_len=512):
+        self.text_len = text_len
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seqs = [[b + self.offset for b in clean_prompt(p).encode("utf-8")] for p in prompts]
+        return pad_ids(seqs, self.text_len, self.eos, self.pad)
+
+    def decode(self, ids):
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()  # the text encoder is frozen in IPRO
+def encode_text(prompts, t5, tokenizer):
+    """Prompts -> list of (L_i, dim) umT5 states, trimmed to each prompt's tokens (</s> included)."""
+    ids, mask = tokenizer(prompts)
+    device = t5.token_embedding.weight.device
+    context = t5(ids.to(device), mask.to(device))                   # (B, text_len, dim)
+    return [c[:n] for c, n in zip(context, mask.sum(dim=1).tolist())]
+
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+
+
+def build_t5(cfg):
+    """umT5-XXL, or the preset's smaller encoder (cfg.t5_kwargs), randomly initialised."""
+    return T5Encoder(**cfg.t5_kwargs)
+
+
+def load_t5(cfg, src, dtype=torch.float32, device="cpu"):
+    """The official models_t5_umt5-xxl-enc-bf16.pth from a folder, repo id or the file itself;
+    returned frozen and in eval mode (no dropout)."""
+    path = src if os.path.isfile(src) else os.path.join(resolve(src, [T5_FILE]), T5_FILE)
+    with torch.device("meta"):
+        t5 = build_t5(cfg)
+    load_strict(t5, read_state_dict(path), f"T5 weights {path}")
+    return t5.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_tokenizer(cfg, src=None):
+    """T5Tokenizer from the google/umt5-xxl folder of a local folder or repo id; src=None gives the
+    ByteTokenizer stand-in (the tiny preset: no real tokenizer offline)."""
+    if src is None:
+        return ByteTokenizer(cfg.text_len)
+    return T5Tokenizer(os.path.join(resolve(src, [f"{TOKENIZER_DIR}/*"]), TOKENIZER_DIR), cfg.text_len)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""The Wan2.2 / Wan2.1 VAEs against diffusers' AutoencoderKLWan, the released layouts, and bad input."""
+import re
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+import wan
+
+TOL = 1e-4
+# Small but complete layouts: four levels, two res blocks (diffusers' 2.1 converter assumes both).
+TINY21 = dict(dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
+TINY22 = dict(dim=8, dec_dim=12, z_dim=6, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
+
+# Official Wan2.2 VAE keys -> diffusers AutoencoderKLWan(is_residual=True) keys, applied in order.
+# Our own table, derived from diffusers' scripts/convert_wan_to_diffusers.py (convert_vae_22),
+# which the pip package does not ship.
+WAN22_TO_DIFFUSERS = [
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"\.middle\.0\.", ".mid_block.resnets.0."),
+    (r"\.middle\.1\.", ".mid_block.attentions.0."),
+    (r"\.middle\.2\.", ".mid_block.resnets.1."),
+    (r"\.head\.0\.", ".norm_out."),
+    (r"\.head\.2\.", ".conv_out."),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)", r"encoder.down_blocks.\1.downsampler.\2"),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)", r"decoder.up_blocks.\1.upsampler.\2"),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.", r"decoder.up_blocks.\1.resnets."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+]
+
+
+def wan22_to_diffusers(sd):
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in WAN22_TO_DIFFUSERS:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def randomized(vae, seed=0):
+    """Perturb the init so every parameter matters (attention proj starts at zero, norms at one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.05 * noise)
+            elif "proj" in name:
+                p.copy_(0.5 * noise / p[0].numel() ** 0.5)
+    vae.mean, vae.std = 0.3 * torch.randn(vae.z_dim, generator=g), 0.5 + torch.rand(vae.z_dim, generator=g)
+    return vae.eval()
+
+
+def diffusers_twin(vae, version):
+    """AutoencoderKLWan holding the same weights as our VAE."""
+    if version == "2.1":
+        ref = AutoencoderKLWan(base_dim=TINY21["dim"], z_dim=TINY21["z_dim"], dim_mult=list(TINY21["dim_mult"]),
+                               num_res_blocks=2, temperal_downsample=[False, True, True],
+                               latents_mean=vae.mean.tolist(), latents_std=vae.std.tolist())
+        sd = convert_wan_vae_to_diffusers(vae.state_dict())
+    else:
+        ref = AutoencoderKLWan(base_dim=TINY22["dim"], decoder_base_dim=TINY22["dec_dim"], z_dim=TINY22["z_dim"],
+                               dim_mult=list(TINY22["dim_mult"]), num_res_blocks=2,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16,
+                               latents_mean=vae.mean.tolist(), latents_std=vae.std.tolist())
+        sd = wan22_to_diffusers(vae.state_dict())
+    ref.load_state_dict(sd, strict=True)
+    return ref.eval()
+
+
+@pytest.fixture(scope="module", params=["2.1", "2.2"])
+def pair(request):
+    torch.manual_seed(0)
+    version = request.param
+    ours = randomized(wan.WanVAE21(**TINY21) if version == "2.1" else wan.WanVAE22(**TINY22))
+    return version, ours, diffusers_twin(ours, version)
+
+
+def clip(batch, frames, stride, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, 2 * stride, 2 * stride, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("batch, frames", [(1, 1), (2, 9)])
+def test_encode_decode_match_diffusers(pair, batch, frames):
+    version, ours, ref = pair
+    video = clip(batch, frames, ours.stride[1])
+    shape = (1, -1, 1, 1, 1)
+    mean, std = ours.mean.view(shape), ours.std.view(shape)
+    with torch.no_grad():
+        z = ours.encode(video)
+        z_ref = (ref.encode(video).latent_dist.mean - mean) / std
+        assert z.shape == (batch, ours.z_dim, (frames - 1) // 4 + 1, 2, 2)
+        assert (z - z_ref).abs().max() <= TOL
+        assert z.std() > 0.1  # a latent that carries signal, so the comparison means something
+        out = ours.decode(z)
+        out_ref = ref.decode(z * std + mean).sample
+    assert out.shape == video.shape
+    assert (out - out_ref).abs().max() <= TOL
+    assert 0.05 < out.abs().mean() < 0.95  # mostly unclamped pixels
+
+
+def test_chunked_checkpointed_decode_equals_one_go_with_gradient(pair):
+    _, vae, _ = pair
+    vae.requires_grad_(False)
+    z0 = torch.randn(2, vae.z_dim, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    grads, outs = [], []
+    for chunk, checkpoint in [(1, True), (3, False)]:  # frame by frame, checkpointed / rest at once, plain
+        z = z0.clone().requires_grad_(True)
+        out = vae.decode(z, chunk=chunk, checkpoint=checkpoint)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append(z.grad)
+    assert outs[0].shape == (2, 3, 13, 2 * vae.stride[1], 2 * vae.stride[2])
+    assert (outs[0] - outs[1]).abs().max() <= TOL
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max() <= TOL * max(1.0, grads[1].abs().max().item())
+    # Causality: the first latent frame's pixels do not depend on later latent frames.
+    z = z0.clone().requires_grad_(True)
+    vae.decode(z)[:, :, 0].sum().backward()
+    assert z.grad[:, :, 1:].abs().max() == 0 and z.grad[:, :, 0].abs().max() > 0
+
+
+def test_released_layouts_on_meta():
+    for cls, keys, params, stride in [(wan.WanVAE22, 196, 704_688_668, (4, 16, 16)),
+                                      (wan.WanVAE21, 194, 126_892_531, (4, 8, 8))]:
+        with torch.device("meta"):
+            vae = cls()
+        sd = vae.state_dict()
+        assert (len(sd), sum(v.numel() for v in sd.values())) == (keys, params)
+        assert vae.stride == stride
+        assert not list(vae.buffers())  # the latent tables stay out of the state dict
+    assert "decoder.upsamples.0.upsamples.3.time_conv.weight" in wan.WanVAE22(**TINY22).state_dict()
+    assert "decoder.upsamples.3.resample.1.weight" in wan.WanVAE21(**TINY21).state_dict()
+    assert len(wan.WAN22_LATENT_MEAN) == len(wan.WAN22_LATENT_STD) == 48
+    assert len(wan.WAN21_LATENT_MEAN) == len(wan.WAN21_LATENT_STD) == 16
+
+
+def test_tiny_preset_matches_its_config():
+    cfg = wan.CONFIGS["tiny"]
+    vae = wan.build_vae(cfg)
+    assert isinstance(vae, wan.WanVAE22) and vae.stride == cfg.vae_stride and vae.z_dim == cfg.in_dim == cfg.out_dim
+    st, sh, sw = cfg.vae_stride
+    video = clip(1, 2 * st + 1, sh)
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (1, cfg.in_dim, 3, 2, 2)
+        assert vae.decode(z).shape == video.shape
+
+
+def test_bad_inputs_raise_clear_errors():
+    vae = wan.WanVAE21(**TINY21)
+    good = clip(1, 5, 8)
+    cases = [(good[:, :, :4], "4n\\+1"), (good[..., :12, :], "divisible"), (good[:, :2], "RGB"),
+             (good * 127.5 + 127.5, "\\[-1, 1\\]"), (good[0], "RGB"), ((good > 0).long(), "float")]
+    for video, message in cases:
+        with pytest.raises(ValueError, match=message):
+            vae.encode(video)
+    with pytest.raises(ValueError, match="latent must be"):
+        vae.decode(torch.zeros(1, 3, 2, 2, 2))
+    with pytest.raises(ValueError, match="one flag per"):
+        wan.WanVAE22(dim_mult=(1, 2, 2))
+
+
+def test_load_vae_from_folder_and_wrong_keys(tmp_path):
+    cfg = wan.CONFIGS["tiny"]
+    vae = randomized(wan.build_vae(cfg))
+    torch.save(vae.state_dict(), tmp_path / "Wan2.2_VAE.pth")
+    loaded = wan.load_vae(cfg, str(tmp_path))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+    sd = vae.state_dict()
+    sd["decoder.head.2.wieght"] = sd.pop("decoder.head.2.weight")
+    torch.save(sd, tmp_path / "renamed.pth")
+    with pytest.raises(KeyError, match=r"missing \['decoder\.head\.2\.weight'\].*unexpected \['decoder\.head\.2\.wieght'\]"):
+        wan.load_vae(cfg, str(tmp_path / "renamed.pth"))
+    sd = vae.state_dict()
+    sd["conv2.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "reshaped.pth")
+    with pytest.raises(ValueError, match="conv2.bias"):
+        wan.load_vae(cfg, str(tmp_path / "reshaped.pth"))
