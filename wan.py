@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
+
 # -----------------------------------------------------------------------------
 # Config presets
 
@@ -791,104 +792,6 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
 
 
 # -----------------------------------------------------------------------------
-# Images and videos in and out (sample.py, train.py and eval.py share these)
-
-
-def best_output_size(w, h, dw, dh, area):
-    """The official TI2V rule: the (w, h), multiples of (dw, dh), with area <= `area` whose aspect
-    ratio is closest to the image's (trying width-first and height-first rounding)."""
-    ratio = w / h
-    ow, oh = (area * ratio) ** 0.5, (area / ratio) ** 0.5
-    ow1 = int(ow // dw * dw)
-    oh1 = int(area / ow1 // dh * dh)
-    oh2 = int(oh // dh * dh)
-    ow2 = int(area / oh2 // dw * dw)
-    err1 = max(ratio / (ow1 / oh1), (ow1 / oh1) / ratio)
-    err2 = max(ratio / (ow2 / oh2), (ow2 / oh2) / ratio)
-    return (ow1, oh1) if err1 < err2 else (ow2, oh2)
-
-
-def load_image(path):
-    """An RGB PIL image; grayscale, RGBA (composited on white) and 16-bit files are converted."""
-    from PIL import Image
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except Exception as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(canvas, img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def prepare_image(img, cfg, size):
-    """PIL image -> (3, H, W) in [-1, 1] at the preset's working size, as the official code does:
-    TI2V: the best (multiple of patch*stride) size of area H*W, resized to cover (Lanczos), centre-cropped;
-    I2V-A14B: bicubic resize to the size of area H*W with the image's aspect ratio, no crop."""
-    import numpy as np
-    from PIL import Image
-    iw, ih = img.size
-    area = size[0] * size[1]
-    dh, dw = cfg.vae_stride[1] * cfg.patch_size[1], cfg.vae_stride[2] * cfg.patch_size[2]
-    if cfg.model_type == "ti2v":
-        ow, oh = best_output_size(iw, ih, dw, dh, area)
-        scale = max(ow / iw, oh / ih)
-        img = img.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
-        x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
-        img = img.crop((x1, y1, x1 + ow, y1 + oh))
-        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
-        return x
-    aspect = ih / iw
-    oh = round(math.sqrt(area * aspect) // dh * dh)
-    ow = round(math.sqrt(area / aspect) // dw * dw)
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return F.interpolate(x[None], size=(oh, ow), mode="bicubic")[0]
-
-
-def save_video(path, video, fps, metadata=None):
-    """(3, F, H, W) in [-1, 1] -> H.264 mp4, written to a temporary file then renamed, so a crash
-    never leaves a partial mp4. metadata (a dict) goes to a JSON file beside it."""
-    import imageio.v2 as imageio
-    frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    frames = frames.permute(1, 2, 3, 0).cpu().numpy()                      # (F, H, W, 3)
-    tmp = f"{path}.tmp{os.getpid()}.mp4"
-    try:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
-                                ffmpeg_params=["-pix_fmt", "yuv420p"]) as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if metadata is not None:
-        with open(os.path.splitext(path)[0] + ".json", "w") as fh:
-            json.dump(metadata, fh, indent=1)
-
-
-def read_video(path, frames=None):
-    """mp4 (or any ffmpeg-readable video) -> uint8 array (F, H, W, 3), the first `frames` frames."""
-    import imageio.v3 as iio
-    import numpy as np
-    out = []
-    for i, frame in enumerate(iio.imiter(path)):
-        if frames is not None and i >= frames:
-            break
-        out.append(frame[..., :3] if frame.ndim == 3 else np.repeat(frame[..., None], 3, -1))
-    if not out:
-        raise ValueError(f"{path}: no frames")
-    return np.stack(out)
-
-
-# -----------------------------------------------------------------------------
 # VAEs (Wan2.2 and Wan2.1): causal 3-D conv autoencoders, run chunk by chunk
 #
 # Official code: wan/modules/vae2_2.py and vae2_1.py. A video of F = 4n+1 frames is encoded in
@@ -1571,3 +1474,101 @@ def load_tokenizer(cfg, src=None):
     if src is None:
         return ByteTokenizer(cfg.text_len)
     return T5Tokenizer(os.path.join(resolve(src, [f"{TOKENIZER_DIR}/*"]), TOKENIZER_DIR), cfg.text_len)
+
+
+# -----------------------------------------------------------------------------
+# Images and videos in and out (sample.py, train.py and eval.py share these)
+
+
+def best_output_size(w, h, dw, dh, area):
+    """The official TI2V rule: the (w, h), multiples of (dw, dh), with area <= `area` whose aspect
+    ratio is closest to the image's (trying width-first and height-first rounding)."""
+    ratio = w / h
+    ow, oh = (area * ratio) ** 0.5, (area / ratio) ** 0.5
+    ow1 = int(ow // dw * dw)
+    oh1 = int(area / ow1 // dh * dh)
+    oh2 = int(oh // dh * dh)
+    ow2 = int(area / oh2 // dw * dw)
+    err1 = max(ratio / (ow1 / oh1), (ow1 / oh1) / ratio)
+    err2 = max(ratio / (ow2 / oh2), (ow2 / oh2) / ratio)
+    return (ow1, oh1) if err1 < err2 else (ow2, oh2)
+
+
+def load_image(path):
+    """An RGB PIL image; grayscale, RGBA (composited on white) and 16-bit files are converted."""
+    from PIL import Image
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def prepare_image(img, cfg, size):
+    """PIL image -> (3, H, W) in [-1, 1] at the preset's working size, as the official code does:
+    TI2V: the best (multiple of patch*stride) size of area H*W, resized to cover (Lanczos), centre-cropped;
+    I2V-A14B: bicubic resize to the size of area H*W with the image's aspect ratio, no crop."""
+    import numpy as np
+    from PIL import Image
+    iw, ih = img.size
+    area = size[0] * size[1]
+    dh, dw = cfg.vae_stride[1] * cfg.patch_size[1], cfg.vae_stride[2] * cfg.patch_size[2]
+    if cfg.model_type == "ti2v":
+        ow, oh = best_output_size(iw, ih, dw, dh, area)
+        scale = max(ow / iw, oh / ih)
+        img = img.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+        x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
+        img = img.crop((x1, y1, x1 + ow, y1 + oh))
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        return x
+    aspect = ih / iw
+    oh = round(math.sqrt(area * aspect) // dh * dh)
+    ow = round(math.sqrt(area / aspect) // dw * dw)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return F.interpolate(x[None], size=(oh, ow), mode="bicubic")[0]
+
+
+def save_video(path, video, fps, metadata=None):
+    """(3, F, H, W) in [-1, 1] -> H.264 mp4, written to a temporary file then renamed, so a crash
+    never leaves a partial mp4. metadata (a dict) goes to a JSON file beside it."""
+    import imageio.v2 as imageio
+    frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    frames = frames.permute(1, 2, 3, 0).cpu().numpy()                      # (F, H, W, 3)
+    tmp = f"{path}.tmp{os.getpid()}.mp4"
+    try:
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
+                                ffmpeg_params=["-pix_fmt", "yuv420p"]) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if metadata is not None:
+        with open(os.path.splitext(path)[0] + ".json", "w") as fh:
+            json.dump(metadata, fh, indent=1)
+
+
+def read_video(path, frames=None):
+    """mp4 (or any ffmpeg-readable video) -> uint8 array (F, H, W, 3), the first `frames` frames."""
+    import imageio.v3 as iio
+    import numpy as np
+    out = []
+    for i, frame in enumerate(iio.imiter(path)):
+        if frames is not None and i >= frames:
+            break
+        out.append(frame[..., :3] if frame.ndim == 3 else np.repeat(frame[..., None], 3, -1))
+    if not out:
+        raise ValueError(f"{path}: no frames")
+    return np.stack(out)
