@@ -59,10 +59,10 @@ Evaluators (--evaluator, repeatable): faces are found once per frame by the rewa
            the number the training optimised, not an independent judge.
 
 Outputs in OUT: per_video.jsonl (one line per video, written as soon as it is scored; a rerun
-with the same settings skips the videos it already scored), results.json, table.md (Table 1 shape, one
-row per checkpoint, one table per evaluator), drift_<evaluator>.png, training.png (reward and KL
-per step from train.py's JSONL logs, Fig. 3's analog), index.html (per clip: input, pool faces,
-sampled frames of every checkpoint with their per-frame similarity).
+with the same settings skips the videos it already scored), results.json, table.md (Table 1's
+shape: one row per checkpoint, one table per evaluator), drift_<evaluator>.png, training.png
+(reward and KL per step from train.py's JSONL logs, Fig. 3's analog), index.html (per clip:
+input, pool faces, sampled frames of every checkpoint with their per-frame similarity).
 """
 import argparse
 import html
