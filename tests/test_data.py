@@ -1,0 +1,334 @@
+"""data.py on real mp4 files made from real face photos: the demo set through prepare, each filter
+against a clip built to fail it, crash and resume, broken inputs, the Dataset, torchrun sharding."""
+import importlib.util
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import data
+import reward
+import wan
+
+MASK_TEXTURE = os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images",
+                            "mask_blue.jpg")
+RECORD_KEYS = {"pool_emb", "pool_frames", "boxes", "landmarks", "first_frame", "context"}
+METADATA_KEYS = {"clip_id", "caption", "video", "source", "fps", "n_frames", "height", "width", "identity", "split",
+                 "stats", "face_model", "detector", "text_encoder", "model", "args"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors on 2 shared cores: OpenMP workers waiting for each other cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return data.load_faces(data.get_args(["prepare", "--videos", ".", "--out", ".", "--device", "cpu"]))
+
+
+@pytest.fixture(scope="module")
+def photos(faces):
+    return {name: (identity, img, face) for identity, name, img, face in data.demo_photos(faces[0])}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, faces):
+    out = tmp_path_factory.mktemp("demo")
+    summary = data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1"]), *faces)
+    return out, summary
+
+
+def run_prepare(faces, videos, out, *extra):
+    args = data.get_args(["prepare", "--videos", str(videos), "--out", str(out), "--model", "tiny",
+                          "--device", "cpu", *extra])
+    return data.prepare(args, *faces)
+
+
+def manifest_lines(out):
+    lines = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("manifest") and name.endswith(".jsonl"):
+            with open(os.path.join(out, name)) as fh:
+                lines += [json.loads(s) for s in fh]
+    return lines
+
+
+def write_mp4(path, frames, fps=8):
+    wan.save_video(str(path), torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1, fps)
+
+
+def clip(photos, name, frames=9, size=64, frac=0.36, seed=0):
+    """A demo-style clip of one photo: uint8 (frames, size, size, 3)."""
+    _, img, face = photos[name]
+    start, end = data.camera_move(np.random.default_rng(seed), frac, size)
+    return data.render_clip(img, face, size, frames, start, end)
+
+
+def faceless(photos, frames, size=64):
+    """Frames of the group photo's table, where nobody is."""
+    _, img, face = photos["t1_0"]
+    table = face._replace(box=np.array([560.0, 700, 660, 800]), landmarks=np.full((5, 2), [610.0, 750]))
+    start, end = data.camera_move(np.random.default_rng(1), 0.4, size)
+    return data.render_clip(img, table, size, frames, start, end)
+
+
+def cover_eyes(img, face):
+    """The photo with a face-mask texture over the eyes and brows (a hand or a sign would do as well)."""
+    out = img.copy()
+    (x1, y1, x2, y2), eyes_y = face.box.astype(int), face.landmarks[:2, 1]
+    band = slice(int(eyes_y.min()) - (y2 - y1) // 5, int(eyes_y.max()) + (y2 - y1) // 8)
+    h, w = band.stop - band.start, x2 - x1 + 10
+    out[band, x1 - 5:x2 + 5] = cv2.resize(reward.read_image(MASK_TEXTURE), (w, h))
+    return out
+
+# -----------------------------------------------------------------------------
+# The demo set through the real pipeline
+
+
+def test_demo_records_hold_each_persons_faces(demo, faces, photos):
+    out, summary = demo
+    lines = manifest_lines(out)
+    videos = data.list_videos(out / "videos")
+    assert len(videos) == len(photos) == 14 and sorted(l["video"] for l in lines) == videos
+    assert all(l["status"] == "kept" for l in lines), [l for l in lines if l["status"] != "kept"]
+    # References nobody in the pipeline computed: each identity's face in its full-size photo.
+    refs, names = {}, sorted(photos)
+    with torch.no_grad():
+        for name in names:
+            identity, img, face = photos[name]
+            crop = faces[0].align(reward.to_pixels(img[None]), face.landmarks[None])
+            refs.setdefault(identity, []).append(faces[0].embed_crops(crop)[0])
+    identities = sorted(refs)
+    ref = torch.stack([torch.stack(refs[i]).mean(0) for i in identities])             # (12, D)
+    checked = found = 0
+    pools = {}
+    for line in lines:
+        t, meta = data.read_record(out / line["record"])
+        assert set(t) == RECORD_KEYS and METADATA_KEYS <= set(meta)
+        N = len(t["pool_frames"])
+        assert t["pool_emb"].shape == (N, 128) and t["boxes"].shape == (N, 4) and t["landmarks"].shape == (N, 5, 2)
+        assert t["pool_emb"].dtype == torch.float32 and t["pool_frames"].dtype == torch.int64
+        assert torch.allclose(t["pool_emb"].norm(dim=1), torch.ones(N), atol=1e-5)
+        assert t["pool_frames"].tolist() == sorted(set(t["pool_frames"].tolist())) and int(t["pool_frames"].max()) < 9
+        assert (t["boxes"] >= -8).all() and (t["boxes"] <= 72).all()
+        source = os.path.join(out, meta["video"])
+        assert np.array_equal(t["first_frame"].numpy(), wan.read_video(source, 1)[0])
+        assert meta["identity"] == line["identity"] and meta["split"] == line["split"]
+        stats = json.loads(meta["stats"])
+        checked, found = checked + stats["frames_checked"], found + stats["face_frames"]
+        # The pool is the right person: closest to that identity's own photo among the 12.
+        sims = (t["pool_emb"] @ ref.T).mean(0)                                         # (12,)
+        assert identities[int(sims.argmax())] == meta["identity"], (meta["clip_id"], sims)
+        pools[meta["clip_id"]] = (meta["identity"], t["pool_emb"])
+    print(f"face detection rate on demo frames: {found}/{checked}")
+    assert found == checked == 14 * 9
+    # Faces of one clip are closer to each other than to any other identity's clip.
+    for cid, (identity, emb) in pools.items():
+        within = (emb @ emb.T)[~torch.eye(len(emb), dtype=torch.bool)].mean()
+        between = max(float((emb @ e.T).mean()) for i, e in pools.values() if i != identity)
+        assert within > between + 0.3, (cid, float(within), between)
+    # The context is the caption through the tiny preset's seeded text encoder, as sample.py builds it.
+    cfg = wan.get_config("tiny")
+    torch.manual_seed(0)
+    t5 = wan.build_t5(cfg).eval()
+    t, meta = data.read_record(out / lines[0]["record"])
+    assert torch.allclose(t["context"], wan.encode_text([meta["caption"]], t5, wan.load_tokenizer(cfg))[0], atol=1e-6)
+    print(f"demo: {summary['seconds_total']} s, prepare {summary['clips_per_minute']} clips/min")
+
+
+def test_face_limit_scales_with_the_shorter_side():
+    assert data.face_limit_px(100, 960, 1280) == 100
+    assert data.face_limit_px(100, 480, 832) == 50
+    assert data.face_limit_px(100, 3840, 2160) == 225
+
+# -----------------------------------------------------------------------------
+# Each filter against a clip built to fail it
+
+
+def test_each_filter_rejects_the_clip_built_to_fail_it(tmp_path, faces, photos):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(videos / "ok.mp4", clip(photos, "t1_2"))
+    write_mp4(videos / "large.mp4", clip(photos, "person_a_2", frac=0.62))             # ~40 px wide, ~55 tall
+    write_mp4(videos / "few.mp4", list(clip(photos, "t1_2", frames=3)) + list(faceless(photos, 6)))
+    write_mp4(videos / "short.mp4", clip(photos, "t1_2", frames=5))
+    identity, img, face = photos["astronaut"]
+    covered = (identity, cover_eyes(img, face), face)
+    occluded = list(clip(photos, "astronaut", frames=3)) + \
+        list(clip({"x": covered}, "x", frames=2, seed=1)) + list(faceless(photos, 5))
+    write_mp4(videos / "occluded.mp4", occluded)
+    (videos / "ok.txt").write_text("someone at a card table\n")
+    summary = run_prepare(faces, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
+    lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
+    assert {v: l["reason"] for v, l in lines.items()} == {
+        "ok.mp4": "ok", "large.mp4": "face_too_large", "few.mp4": "few_faces", "short.mp4": "too_short",
+        "occluded.mp4": "occluded"}, lines
+    assert lines["large.mp4"]["stats"]["largest_face_px"] > 48 >= lines["ok.mp4"]["stats"]["largest_face_px"]
+    assert lines["few.mp4"]["stats"]["face_frames"] == 3
+    occ = lines["occluded.mp4"]["stats"]
+    assert occ["face_frames"] == 5 and occ["visible_frames"] == 3, occ
+    assert os.listdir(tmp_path / "out" / "clips") == ["ok.safetensors"]
+    _, meta = data.read_record(tmp_path / "out" / "clips" / "ok.safetensors", keys=())
+    assert meta["caption"] == "someone at a card table" and meta["identity"] == "ok"
+    assert summary["kept"] == 1 and summary["rejected"] == 4 and summary["clips_per_minute"] > 0
+
+
+def test_every_nth_frame_and_pool_frames(tmp_path, faces, photos):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(videos / "a.mp4", clip(photos, "person_b_1"))
+    run_prepare(faces, videos, tmp_path / "out", "--every", "2", "--min-frames", "9", "--max-face-px", "720")
+    t, meta = data.read_record(tmp_path / "out" / "clips" / "a.safetensors")
+    assert t["pool_frames"].tolist() == [0, 2, 4, 6, 8] and json.loads(meta["stats"])["frames_checked"] == 5
+
+# -----------------------------------------------------------------------------
+# Crash half-way, then resume
+
+
+def copy_demo_videos(demo, dest, n):
+    dest.mkdir()
+    names = data.list_videos(demo[0] / "videos")[:n]
+    for name in names:
+        shutil.copy(demo[0] / "videos" / name, dest / name)
+        shutil.copy(demo[0] / "videos" / name.replace(".mp4", ".txt"), dest / name.replace(".mp4", ".txt"))
+    return names
+
+
+def test_crash_then_rerun_does_every_clip_once(tmp_path, faces, demo, monkeypatch):
+    names = copy_demo_videos(demo, tmp_path / "videos", 5)
+    out = tmp_path / "out"
+    real_process, real_append = data.process_video, data.append_line
+    calls = []
+
+    def crash_on_third(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_process(*a, **k)
+
+    monkeypatch.setattr(data, "process_video", crash_on_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    assert len(manifest_lines(out)) == 2 and len(os.listdir(out / "clips")) == 2
+    with open(out / "manifest.jsonl", "a") as fh:             # a line the crash cut short
+        fh.write('{"video": "' + names[2])
+    monkeypatch.setattr(data, "process_video", real_process)
+
+    def crash_after_record(path, line):                        # the record is written, its line is not
+        raise RuntimeError("killed between record and manifest")
+
+    monkeypatch.setattr(data, "append_line", crash_after_record)
+    with pytest.raises(RuntimeError, match="between"):
+        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    assert len(os.listdir(out / "clips")) == 3 and len(manifest_lines(out)) == 2
+    monkeypatch.setattr(data, "append_line", real_append)
+    summary = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    assert (summary["skipped"], summary["recovered"], summary["kept"]) == (2, 1, 2)
+    lines = manifest_lines(out)
+    assert sorted(l["video"] for l in lines) == names                     # each once, none lost
+    assert sorted(os.listdir(out / "clips")) == sorted(n.replace(".mp4", ".safetensors") for n in names)
+    again = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    assert again["skipped"] == 5 and len(manifest_lines(out)) == 5
+
+# -----------------------------------------------------------------------------
+# Broken and unusual inputs
+
+
+def test_broken_and_unusual_inputs_are_reported_and_the_run_goes_on(tmp_path, faces, photos):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = clip(photos, "impostor_2")
+    write_mp4(videos / "good.mp4", good)
+    blob = (videos / "good.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(blob[: len(blob) // 2])
+    (videos / "zero.mp4").write_bytes(b"")
+    (videos / "notes.mp4").write_text("these are meeting notes, not a video\n" * 20)
+    write_mp4(videos / "short.mp4", good[:2])
+    import imageio.v2 as imageio
+    with imageio.get_writer(str(videos / "gray.mkv"), fps=8, codec="ffv1", macro_block_size=1,
+                            ffmpeg_params=["-pix_fmt", "gray"]) as w:                   # a true 1-channel video
+        for frame in good:
+            w.append_data(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+    canvas = np.full((3, 2160, 3840, 3), 96, np.uint8)                                  # 4K, 3 frames
+    canvas[:, 900:1220, 1700:2020] = clip(photos, "impostor_2", frames=3, size=320, frac=0.35)
+    write_mp4(videos / "uhd.mp4", canvas)
+    summary = run_prepare(faces, videos, tmp_path / "out", "--min-frames", "3", "--max-face-px", "720")
+    lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
+    assert {v: l["reason"] for v, l in lines.items()} == {
+        "good.mp4": "ok", "truncated.mp4": "unreadable", "zero.mp4": "empty_file", "notes.mp4": "unreadable",
+        "short.mp4": "too_short", "gray.mkv": "ok", "uhd.mp4": "ok"}, lines
+    assert "Invalid data" in lines["notes.mp4"]["detail"] and "moov atom not found" in lines["truncated.mp4"]["detail"]
+    assert lines["gray.mkv"]["stats"]["grayscale"] and not lines["good.mp4"]["stats"]["grayscale"]
+    t, meta = data.read_record(tmp_path / "out" / "clips" / "uhd.safetensors")
+    assert t["first_frame"].shape == (2160, 3840, 3) and json.loads(meta["stats"])["detect_scale"] == pytest.approx(1 / 3, abs=1e-3)
+    width = t["boxes"][:, 2] - t["boxes"][:, 0]                # in 4K pixels: ~0.35 * 320 = 112
+    assert (width > 85).all() and (width < 140).all() and (t["boxes"][:, 0] > 1700).all(), t["boxes"]
+    gray, _ = data.read_record(tmp_path / "out" / "clips" / "gray.safetensors")
+    good_rec, _ = data.read_record(tmp_path / "out" / "clips" / "good.safetensors")
+    assert float((gray["pool_emb"] @ good_rec["pool_emb"].T).mean()) > 0.6              # the same face
+    assert summary["kept"] == 3 and summary["rejected"] == 4
+
+# -----------------------------------------------------------------------------
+# The Dataset
+
+
+def test_dataset_items_and_a_deterministic_split(demo, tmp_path):
+    out = demo[0]
+    train = data.ClipDataset(out, "train", frames=9, size=(64, 64))
+    evals = data.ClipDataset(out, "eval", frames=5, size=(48, 80))
+    assert len(train) == 10 and len(evals) == 4
+    assert {evals[i]["identity"] for i in range(len(evals))} == set(data.DEMO_EVAL_IDENTITIES)
+    assert not {train[i]["identity"] for i in range(len(train))} & set(data.DEMO_EVAL_IDENTITIES)
+    item = evals[0]
+    assert item["video"].shape == (3, 5, 48, 80) and item["image"].shape == (3, 48, 80)
+    assert item["video"].dtype == torch.float32 and -1 <= item["video"].min() and item["video"].max() <= 1
+    assert item["video"].max() - item["video"].min() > 1.0 and torch.equal(item["image"], item["video"][:, 0])
+    assert item["context"].shape[1] == wan.get_config("tiny").text_dim
+    t, _ = data.read_record(out / "clips" / f"{item['clip_id']}.safetensors")
+    keep = (t["pool_frames"] > 0) & (t["pool_frames"] < 5)
+    assert item["pool_frames"].tolist() == t["pool_frames"][keep].tolist() == [1, 2, 3, 4]
+    assert torch.equal(item["pool_emb"], t["pool_emb"][keep])
+    # Resize to cover then centre crop: against OpenCV doing the same on the decoded frames.
+    frames = wan.read_video(os.path.join(out, "videos", f"{item['clip_id']}.mp4"), 5)
+    ref = np.stack([cv2.resize(f, (80, 80), interpolation=cv2.INTER_CUBIC)[16:64] for f in frames])
+    ours = ((item["video"].permute(1, 2, 3, 0) + 1) * 127.5).numpy()                   # (F, H, W, 3)
+    assert np.abs(ours - ref).mean() < 3.0
+    # Same clips in the same order on a second read; a 1000-name hash split near its fraction.
+    again = data.ClipDataset(out, "eval", frames=5, size=(48, 80))
+    assert [again[i]["clip_id"] for i in range(4)] == [evals[i]["clip_id"] for i in range(4)]
+    split = [data.split_of(f"clip{i}", set(), 0.3) for i in range(1000)]
+    assert split == [data.split_of(f"clip{i}", set(), 0.3) for i in range(1000)]
+    assert 0.25 < split.count("eval") / 1000 < 0.35 and data.split_of("t1_4", {"t1_4"}, 0.0) == "eval"
+    batch = data.collate([train[0], train[1]])
+    assert batch["video"].shape == (2, 3, 9, 64, 64) and batch["image"].shape == (2, 3, 64, 64)
+    assert len(batch["pool_emb"]) == 2 and batch["pool_emb"][0].shape[1] == 128
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        data.ClipDataset(tmp_path, "train")
+
+# -----------------------------------------------------------------------------
+# torchrun sharding
+
+
+def test_two_ranks_cover_every_clip_once(tmp_path, faces, demo, monkeypatch):
+    names = copy_demo_videos(demo, tmp_path / "videos", 5)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    parts = {r: [json.loads(s)["video"] for s in open(out / f"manifest.rank{r}.jsonl")] for r in (0, 1)}
+    assert parts[0] == names[0::2] and parts[1] == names[1::2]
+    assert sorted(data.read_manifest(out)) == names and len(os.listdir(out / "clips")) == 5
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    summary = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    assert summary["skipped"] == 5 and not (out / "manifest.jsonl").exists()
