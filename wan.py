@@ -879,10 +879,11 @@ def vae_stride(patch, dim_mult, temperal_downsample):
 
 
 def latent_stats(mean, std, z_dim):
-    """Released tables when z_dim matches them, else mean 0 and std 1 (smaller test models)."""
+    """Released tables when z_dim matches them, else mean 0 and std 1 (smaller test models).
+    Always on the CPU (moved to the latent's device when used), also when the VAE is built on meta."""
     if z_dim != len(mean):
-        return torch.zeros(z_dim), torch.ones(z_dim)
-    return torch.tensor(mean), torch.tensor(std)
+        return torch.zeros(z_dim, device="cpu"), torch.ones(z_dim, device="cpu")
+    return torch.tensor(mean, device="cpu"), torch.tensor(std, device="cpu")
 
 
 class WanVAE22(nn.Module):
