@@ -5,7 +5,7 @@
         --train-log runs/ipro/train.jsonl
 
 With --ckpt, the base model (--model, --weights, --lora) and each checkpoint (full DiT weights
-with official key names, or a LoRA, loaded by sample.load_dits) generate one video per eval clip
+with official key names, or a LoRA, loaded by wan.load_experts) generate one video per eval clip
 into OUT/videos/<label>/ with wan.generate, the repository's one sampling loop: clip k starts
 from the noise of seed + k for every checkpoint, with the clip's image and cached caption
 embedding, and the training sampler (Euler, 8 steps, shift 5, no CFG) unless told otherwise.
@@ -484,7 +484,6 @@ def check_generation(args, ds, metas):
 def generate_videos(args, rows, ds, metas):
     """Fills OUT/videos/<label>/<clip_id>.mp4 with wan.generate, clip k from seed + k for every
     checkpoint; videos already there are kept (a rerun continues). Returns (label, folder) rows."""
-    import sample
     cfg = wan.get_config(args.model)
     device = torch.device(args.device)
     vae = wan.load_vae(cfg, args.vae or args.weights or cfg.repo, device=device)
@@ -494,7 +493,7 @@ def generate_videos(args, rows, ds, metas):
         os.makedirs(folder, exist_ok=True)
         todo = [m for m in metas if find_video(folder, m["clip_id"]) is None]
         if todo:
-            experts = sample.load_dits(argparse.Namespace(weights=args.weights, ckpt=ckpt, lora=args.lora), cfg, device)
+            experts = wan.load_experts(cfg, args.weights or cfg.repo or None, ckpt, args.lora, device)
             for meta in todo:
                 k = meta["index"]
                 try:
@@ -516,14 +515,9 @@ def generate_one(cfg, experts, vae, clip, seed, args, device):
     training sampler's setting; the cached contexts carry no negative prompt)."""
     image = clip["image_t"].float().to(device)[None]                         # (1, 3, H, W)
     frames, (H, W) = len(clip["gt"]), image.shape[-2:]
-    st, sh, sw = vae.stride
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(1, vae.z_dim, (frames - 1) // st + 1, H // sh, W // sw, generator=g, device=device)
-    if cfg.model_type == "ti2v":
-        cond = dict(z_img=vae.encode(image[:, :, None]))
-    else:
-        video = torch.cat([image[:, :, None], image.new_zeros(1, 3, frames - 1, H, W)], dim=2)
-        cond = dict(y=wan.a14b_condition(vae.encode(video)))
+    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), generator=g, device=device)
+    cond = wan.condition(cfg, vae, image, frames)
     context = clip["context"].float().to(device)
     context = context[None] if context.ndim == 2 else context                # (1, L, text_dim)
     z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context, steps=args.steps,

@@ -80,31 +80,6 @@ def check_args(args, cfg):
     return frames, size
 
 
-def load_dits(args, cfg, device):
-    """The DiT (or A14B's two experts) with LoRAs merged and fine-tuned weights in place."""
-    src = args.weights or cfg.repo
-    experts = []
-    for expert in cfg.experts or (None,):
-        if src:
-            experts.append(wan.load_dit(cfg, src, expert=expert))
-        else:
-            print(f"note: the {cfg.name} preset has no official weights; starting from random ones", file=sys.stderr)
-            torch.manual_seed(0)
-            experts.append(wan.WanModel(cfg))
-    if args.ckpt:
-        sd = wan.read_state_dict(args.ckpt)
-        if any(".lora_down." in k for k in sd):
-            wan.merge_lora(experts[-1], sd)
-        else:
-            wan.load_strict(experts[-1], sd, f"--ckpt {args.ckpt}")
-    for lora in args.lora:
-        which, path = lora.split("=", 1) if lora.startswith(("high=", "low=")) else ("low", lora)
-        if which == "high" and len(experts) < 2:
-            raise ValueError(f"--lora high=...: {cfg.name} has one model, no high-noise expert")
-        wan.merge_lora(experts[0 if which == "high" else -1], wan.read_state_dict(path))
-    return [m.to(device).eval().requires_grad_(False) for m in experts]
-
-
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
@@ -143,20 +118,18 @@ def main(argv=None):
             print("note: no VAE weights for this preset; a random VAE (pass --vae)", file=sys.stderr)
             torch.manual_seed(0)
             vae = wan.build_vae(cfg).to(device).eval()
-        experts = load_dits(args, cfg, device)
+        if not src:
+            print(f"note: the {cfg.name} preset has no official weights; the DiT starts from random ones "
+                  f"unless --ckpt holds full weights", file=sys.stderr)
+        experts = wan.load_experts(cfg, src or None, args.ckpt, args.lora, device)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}")
 
     image = wan.prepare_image(img, cfg, size).to(device)                   # (3, H, W)
     H, W = image.shape[1:]
-    st, sh, sw = vae.stride
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(1, vae.z_dim, (frames - 1) // st + 1, H // sh, W // sw, generator=g, device=device)
-    if cfg.model_type == "ti2v":
-        cond = dict(z_img=vae.encode(image[None, :, None]))
-    else:
-        video = torch.cat([image[None, :, None], image.new_zeros(1, 3, frames - 1, H, W)], dim=2)
-        cond = dict(y=wan.a14b_condition(vae.encode(video)))
+    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), generator=g, device=device)
+    cond = wan.condition(cfg, vae, image[None], frames)
     # Official guidance tuples are (low noise, high noise); generate takes them in expert order.
     guide = (guidance, guidance) if len(experts) == 2 else guidance
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" and device.type == "cuda" \

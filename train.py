@@ -205,21 +205,6 @@ def trainable_parameters(model):
 # One micro-batch: rollout with truncated backprop, reward, KL (IPRO) or flow matching (SFT)
 
 
-@torch.no_grad()
-def condition(cfg, vae, image, frames):
-    """The I2V condition of each model. image: (B, 3, H, W) in [-1, 1]."""
-    if cfg.model_type == "ti2v":                     # TI2V-5B: the image is the first latent frame
-        return dict(z_img=vae.encode(image[:, :, None]))
-    B, _, H, W = image.shape                         # I2V-A14B: y = [mask, VAE([image, 0, 0, ...])]
-    video = torch.cat([image[:, :, None], image.new_zeros(B, 3, frames - 1, H, W)], dim=2)
-    return dict(y=wan.a14b_condition(vae.encode(video)))
-
-
-def latent_shape(cfg, vae, B, frames, H, W):
-    st, sh, sw = vae.stride
-    return (B, vae.z_dim, (frames - 1) // st + 1, H // sh, W // sw)
-
-
 def face_score(faces, video, batch, args):
     """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1]."""
     every = max(1, args.reward_frames)
@@ -239,9 +224,9 @@ def face_score(faces, video, batch, args):
 def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
     B = len(indices)
-    noise = torch.stack([torch.randn(latent_shape(cfg, vae, 1, frames, H, W)[1:], device=device,
+    noise = torch.stack([torch.randn(wan.latent_shape(vae, 1, frames, H, W)[1:], device=device,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
-    cond = condition(cfg, vae, batch["image"], frames)
+    cond = wan.condition(cfg, vae, batch["image"], frames)
     context = batch["context"]
     offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations \
         else nullcontext()
@@ -287,7 +272,7 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
         t = (sigma * 1000)[:, None].repeat(1, f * h * w)
         t[:, : h * w] = 0                                                        # first-frame tokens: t = 0
     else:
-        cond = condition(cfg, vae, batch["image"], batch["video"].shape[2])
+        cond = wan.condition(cfg, vae, batch["image"], batch["video"].shape[2])
         t = sigma * 1000
     with autocast(args, device):
         v = experts[-1](x_t, t, batch["context"], **cond).float()
@@ -613,11 +598,11 @@ def write_sample(args, cfg, experts, vae, dataset, step, device):
     batch = data.collate([dataset[0]], device)
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
     g = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(latent_shape(cfg, vae, 1, frames, H, W), device=device, generator=g)
+    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
     with autocast(args, device):
         z = wan.generate(experts, cfg, noise, batch["context"], steps=args.sample_steps, shift=args.shift,
                          guidance=args.guidance, solver=args.solver,
-                         **condition(cfg, vae, batch["image"], frames))
+                         **wan.condition(cfg, vae, batch["image"], frames))
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), vae.decode(z)[0], cfg.sample_fps)
 

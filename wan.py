@@ -545,6 +545,32 @@ def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
     return model.to(device=device, dtype=dtype)
 
 
+
+def load_experts(cfg, src, ckpt=None, loras=(), device="cpu"):
+    """The DiT (or I2V-A14B's two experts, high noise first) ready to sample: official weights from
+    `src` (folder or repo; None = random weights, for the tiny preset), then `ckpt` (our fine-tuned
+    weights with official names, or a LoRA) into the last (low-noise) expert, then `loras`
+    ("high=FILE", "low=FILE" or "FILE" = the last expert) merged. Frozen, eval mode."""
+    experts = []
+    for expert in cfg.experts or (None,):
+        if src:
+            experts.append(load_dit(cfg, src, expert=expert))
+        else:
+            torch.manual_seed(0)
+            experts.append(WanModel(cfg))
+    if ckpt:
+        sd = read_state_dict(ckpt)
+        if any(".lora_down." in k for k in sd):
+            merge_lora(experts[-1], sd)
+        else:
+            load_strict(experts[-1], sd, f"fine-tuned weights {ckpt}")
+    for lora in loras:
+        which, path = lora.split("=", 1) if lora.startswith(("high=", "low=")) else ("low", lora)
+        if which == "high" and len(experts) < 2:
+            raise ValueError(f"LoRA {lora}: {cfg.name} has one model, no high-noise expert")
+        merge_lora(experts[0 if which == "high" else -1], read_state_dict(path))
+    return [m.to(device).eval().requires_grad_(False) for m in experts]
+
 # -----------------------------------------------------------------------------
 # VAEs (Wan2.2 and Wan2.1): causal 3-D conv autoencoders, run chunk by chunk
 #
@@ -1376,6 +1402,22 @@ def a14b_condition(z, known_frames=(0,)):
     mask = known.view(f, 4).t()[None, :, :, None, None].expand(B, 4, f, h, w)  # (B, 4, f, h, w)
     return torch.cat([mask, z], dim=1)
 
+
+def latent_shape(vae, batch, frames, height, width):
+    st, sh, sw = vae.stride
+    return (batch, vae.z_dim, (frames - 1) // st + 1, height // sh, width // sw)
+
+
+@torch.no_grad()
+def condition(cfg, vae, image, frames):
+    """The I2V condition of each model from the input image (B, 3, H, W) in [-1, 1], as keyword
+    arguments of generate: TI2V-5B z_img, the image's latent as the first latent frame;
+    I2V-A14B y = [mask, VAE2.1([image, zero frames])]."""
+    if cfg.model_type == "ti2v":
+        return dict(z_img=vae.encode(image[:, :, None]))                    # (B, C, 1, h, w)
+    B, _, H, W = image.shape
+    video = torch.cat([image[:, :, None], image.new_zeros(B, 3, frames - 1, H, W)], dim=2)
+    return dict(y=a14b_condition(vae.encode(video)))
 
 def frozen(model):
     """The model's forward with its parameters detached: differentiable in its inputs only."""
