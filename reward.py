@@ -30,6 +30,13 @@ insightface ArcFace models (buffalo_l `w600k_r50.onnx`, antelopev2 `glintr100.on
 SCRFD detector (`det_10g.onnx`) load from a local path or from "owner/repo/file.onnx" on the
 Hugging Face hub.
 
+Use (everything takes and returns torch tensors; `python reward.py A B` for the CLI):
+    faces = load_face_models(face_model=None, detector=None)   # FaceReward, frozen nn.Module
+    pool, found = faces.embed_images(gt_frames)                 # largest face per frame, no grad
+    out = faces.score(video, pool[found])                       # dict; out["reward"] has grad
+    faces.detect(frames) / faces.align(pixels, landmarks) / faces.embed_crops(crops) are the
+    steps; fsm_reward(gen, pool, mask, mode) is Eq. 5-6 alone; embed_image_file(path) one face.
+
 Where we depart from the official code, and why:
   * No face in any generated frame returns a zero reward with `has_face=False` instead of
     asserting: one bad rollout must not stop training.
@@ -633,7 +640,8 @@ def read_video(path, max_frames=0):
     frames = []
     try:
         for frame in iio.imiter(path):
-            frames.append(np.asarray(frame)[..., :3])
+            frame = np.asarray(frame)
+            frames.append(np.repeat(frame[..., None], 3, 2) if frame.ndim == 2 else frame[..., :3])
             if max_frames and len(frames) >= max_frames:
                 break
     except Exception as e:

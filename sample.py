@@ -130,6 +130,10 @@ def main(argv=None):
             torch.manual_seed(0)
             t5 = wan.build_t5(cfg).to(device).eval()
         prompts = [args.prompt] + ([args.negative_prompt] if guidance != 1.0 else [])
+        for p in prompts:
+            if tokenizer.token_count(p) > cfg.text_len:
+                raise ValueError(f"prompt has {tokenizer.token_count(p)} tokens, more than text_len={cfg.text_len}: "
+                                 f"{p[:60]!r}...")
         contexts = wan.encode_text(prompts, t5, tokenizer)
         del t5
         vae_src = args.vae or src

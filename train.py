@@ -243,7 +243,9 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
     cond = condition(cfg, vae, batch["image"], frames)
     context = batch["context"]
-    with autocast(args, device):
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations \
+        else nullcontext()
+    with autocast(args, device), offload:
         _, trace = wan.generate(experts, cfg, noise, context, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
                                 grad_window=args.grad_window, return_trace=True, **cond)

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import os
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config presets
@@ -93,12 +95,13 @@ CONFIGS = {
         experts=("high_noise_model", "low_noise_model"), boundary=0.9, vae="2.1",
         vae_stride=(4, 8, 8), sample_steps=40, sample_guide_scale=3.5, sample_fps=16,
         frame_num=81, size=(480, 832)),
-    # A TI2V-layout model small enough for CPU tests and the demo (head_dim 32 as a stand-in).
+    # The demo's model: the TI2V layout (first latent frame = the image, per-token t) at CPU size.
+    # Its VAE is the Wan2.1 class with two levels (stride 4x4x4): a 64x64 face keeps its identity
+    # through it, which the full 16x spatial compression of the 2.2 VAE at this size does not.
     "tiny": WanConfig(
-        in_dim=16, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
-        num_layers=2, text_len=32, name="tiny", repo="", vae_stride=(4, 8, 8),
-        vae_kwargs=dict(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
-                        temperal_downsample=(True, True)),   # 2 levels, both in time: stride 4x8x8
+        in_dim=16, dim=128, ffn_dim=512, freq_dim=64, text_dim=32, out_dim=16, num_heads=4,
+        num_layers=4, text_len=96, name="tiny", repo="", vae="2.1", vae_stride=(4, 4, 4),
+        vae_kwargs=dict(dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True)),
         t5_kwargs=dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
                        num_buckets=8),
         sample_steps=8, sample_guide_scale=1.0, sample_fps=8, frame_num=9, size=(64, 64)),
@@ -152,6 +155,8 @@ def rope_apply(x, rope):
 
 
 def no_autocast(device):
+    if device.type == "meta":  # shape/FLOP counting (train.py --dry-run) has no autocast
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -602,7 +607,18 @@ class CausalConv3d(nn.Conv3d):
         missing = self.kernel_size[0] - 1 - (0 if prev is None else prev.shape[2])
         if missing:
             x = F.pad(x, (0, 0, 0, 0, missing, 0))
-        return super().forward(x)
+        return conv3d(self, x)
+
+
+def conv3d(conv, x):
+    """conv(x), on CPU in float32 always through oneDNN. PyTorch's heuristic sends conv3d inputs
+    with N*C*T*H <= 20480 (every chunk at the latent-side levels) to an im2col kernel that is
+    2-3x slower there; the numbers are the same up to float rounding."""
+    on_cpu_fp32 = x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
+    if on_cpu_fp32 and torch.backends.mkldnn.is_available():
+        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride,
+                                                 conv.dilation, conv.groups)
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class ChannelRMSNorm(nn.Module):
@@ -618,7 +634,7 @@ class ChannelRMSNorm(nn.Module):
 
 
 # Layers that need no cache; every other VAE layer is called as layer(x, cache).
-STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout, nn.Identity)
+STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout)
 
 
 def run(layers, x, cache):
@@ -724,14 +740,16 @@ def fold(x, ft, fs):
     """
     x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
     B, C, T, H, W = x.shape
-    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, ft, fs, fs, T', H', W')
+    x = x.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)                              # (B, C, ft, fs, fs, T', H', W')
     return x.reshape(B, C * ft * fs * fs, T // ft, H // fs, W // fs)
 
 
 def unfold(x, ft, fs):
     """Inverse of fold (without the padding): (B, C*ft*fs*fs, T, H, W) -> (B, C, T*ft, H*fs, W*fs)."""
     B, C, T, H, W = x.shape
-    x = x.view(B, C // (ft * fs * fs), ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C', T, ft, H, fs, W, fs)
+    x = x.view(B, C // (ft * fs * fs), ft, fs, fs, T, H, W)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)                              # (B, C', T, ft, H, fs, W, fs)
     return x.reshape(B, C // (ft * fs * fs), T * ft, H * fs, W * fs)
 
 
@@ -894,11 +912,11 @@ class WanVAE22(nn.Module):
         self.mean, self.std = latent_stats(WAN22_LATENT_MEAN, WAN22_LATENT_STD, z_dim)
 
     def encode(self, video):
-        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/16, W/16)."""
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/s, W/s), s = stride[1] (16)."""
         return vae_encode(self, video)
 
     def decode(self, z, chunk=1, checkpoint=True):
-        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 16h, 16w) in [-1, 1]."""
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, h*s, w*s) in [-1, 1], s = stride[1]."""
         return vae_decode(self, z, chunk, checkpoint)
 
 
@@ -922,11 +940,11 @@ class WanVAE21(nn.Module):
         self.mean, self.std = latent_stats(WAN21_LATENT_MEAN, WAN21_LATENT_STD, z_dim)
 
     def encode(self, video):
-        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/8, W/8)."""
+        """(B, 3, 4n+1, H, W) in [-1, 1] -> normalised latent (B, z, n+1, H/s, W/s), s = stride[1] (8)."""
         return vae_encode(self, video)
 
     def decode(self, z, chunk=1, checkpoint=True):
-        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, 8h, 8w) in [-1, 1]."""
+        """Normalised latent (B, z, f, h, w) -> video (B, 3, 4(f-1)+1, h*s, w*s) in [-1, 1], s = stride[1]."""
         return vae_decode(self, z, chunk, checkpoint)
 
 
@@ -942,7 +960,7 @@ def check_video(vae, video):
     if h % sh or w % sw:
         raise ValueError(f"video size {h}x{w} is not divisible by the VAE's spatial stride {sh}x{sw}")
     lo, hi = video.detach().aminmax()
-    if lo < -1.5 or hi > 1.5:  # a little overshoot (e.g. bicubic resizing) is accepted as is
+    if not (-1.5 <= lo and hi <= 1.5):  # catches NaN too; small overshoot (bicubic resizing) is kept as is
         raise ValueError(f"pixels must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
                          f"(0-255 images: x / 127.5 - 1)")
 
@@ -1005,10 +1023,10 @@ def build_vae(cfg):
 def load_vae(cfg, src, dtype=torch.float32, device="cpu"):
     """The official VAE .pth (Wan2.2_VAE.pth / Wan2.1_VAE.pth) from a folder, repo id or the file itself;
     returned frozen and in eval mode."""
-    name = VAE_FILES[cfg.vae] if cfg.vae in VAE_FILES else None
-    path = src if os.path.isfile(src) else os.path.join(resolve(src, [name]), name)
     with torch.device("meta"):
         vae = build_vae(cfg)
+    name = VAE_FILES[cfg.vae]
+    path = src if os.path.isfile(src) else os.path.join(resolve(src, [name]), name)
     load_strict(vae, read_state_dict(path), f"VAE weights {path}")
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -1116,8 +1134,9 @@ class T5Encoder(nn.Module):
             raise ValueError(f"ids must be (B, L), got shape {tuple(ids.shape)}")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"mask {tuple(mask.shape)} does not match ids {tuple(ids.shape)}")
-        if ids.numel() and int(ids.max()) >= self.token_embedding.num_embeddings:
-            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({self.token_embedding.num_embeddings})")
+        vocab = self.token_embedding.num_embeddings
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({vocab})")
         x = self.dropout(self.token_embedding(ids))                    # (B, L, dim)
         n = ids.shape[1]
         shared = self.pos_embedding(n) if self.shared_pos else None
@@ -1166,6 +1185,10 @@ class T5Tokenizer:
         if self.eos is None or self.pad is None:
             raise ValueError(f"{folder}/tokenizer.json has no </s> or <pad> token: not a T5 tokenizer")
 
+    def token_count(self, prompt):
+        """Tokens of the prompt with </s>: more than text_len would be truncated."""
+        return len(self.tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids) + 1
+
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = self.tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
@@ -1179,6 +1202,9 @@ class ByteTokenizer:
 
     def __init__(self, text_len=512):
         self.text_len = text_len
+
+    def token_count(self, prompt):
+        return len(clean_prompt(prompt).encode("utf-8")) + 1
 
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1223,6 +1249,251 @@ def load_tokenizer(cfg, src=None):
     if src is None:
         return ByteTokenizer(cfg.text_len)
     return T5Tokenizer(os.path.join(resolve(src, [f"{TOKENIZER_DIR}/*"]), TOKENIZER_DIR), cfg.text_len)
+
+
+# Flow-matching schedule and solvers
+#
+# x_t = (1 - sigma) * x_0 + sigma * noise; the DiT predicts v = noise - x_0, so the probability
+# flow ODE is dx/dsigma = v and a sampler walks sigma from ~1 down to 0.
+
+# The official negative prompt (wan/configs/shared_config.py): the unconditional branch of CFG.
+NEG_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+
+
+def shift_sigma(sigma, shift):
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma): shift > 1 spends more steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def schedule(steps, shift=5.0, solver="unipc"):
+    """Sigmas (steps + 1,) float32 ending in 0, and the timesteps (steps,) the DiT is fed.
+
+    unipc: the official FlowUniPCMultistepScheduler: sigma linear from 0.999 (float32, the top of
+      the official 1000-step training grid; at sigma = 1 UniPC's log(1 - sigma) is -inf) to 0,
+      shifted; timesteps are int64, trunc(1000 * sigma): the 50-step list starts 999, 995, 991.
+    euler: Wan2.2-Lightning's and ROLL's EulerScheduler: sigma linear from 1 to 0, shifted;
+      timesteps are the float 1000 * sigma (4 steps: 1000, 937.5, 833.3, 625). They compute in
+      float32; we compute in float64 and round once (within 1 ulp of theirs).
+    The DiT sees these timesteps; the solver steps with the untruncated sigmas (as the official code).
+    """
+    if solver not in ("unipc", "euler"):
+        raise ValueError(f"unknown solver {solver!r}; choose 'unipc' or 'euler'")
+    top = float(torch.tensor(1 - 1 / 1000, dtype=torch.float32)) if solver == "unipc" else 1.0
+    # np.linspace's arithmetic (start + i * step), so the int64 truncation matches the official list.
+    sigmas = torch.arange(steps, dtype=torch.float64) * ((0.0 - top) / steps) + top
+    sigmas = shift_sigma(sigmas, shift)
+    timesteps = (sigmas * 1000).long() if solver == "unipc" else (sigmas * 1000).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float(), timesteps
+
+
+class Euler:
+    """x_next = x + (sigma_next - sigma) * v: the solver Lightning was distilled for and ROLL trains with."""
+
+    def __init__(self, sigmas):
+        self.sigmas, self.i = sigmas.tolist(), 0
+
+    def step(self, v, x):
+        sigma, sigma_next = self.sigmas[self.i], self.sigmas[self.i + 1]
+        self.i += 1
+        return x + (sigma_next - sigma) * v
+
+
+def _lambda(sigma):
+    """Half log-SNR of flow matching, log(alpha / sigma) with alpha = 1 - sigma; +inf at sigma = 0."""
+    return math.inf if sigma == 0 else math.log(1 - sigma) - math.log(sigma)
+
+
+class UniPC:
+    """The official FlowUniPCMultistepScheduler at Wan's settings (UniPC, arXiv 2302.04867).
+
+    Order-2 multistep predictor (UniP) and corrector (UniC) on the predicted clean latent
+    m = x - sigma * v (predict_x0), B(h) = e^h - 1 ("bh2"), order 1 at the first step (warm-up)
+    and at the last (lower_order_final), the corrector from the second step on; no thresholding.
+    step(v, x): v is the velocity at sigmas[i]; returns x at sigmas[i + 1]. Coefficients are
+    float64 Python numbers (official: float32 tensors; trajectories agree to ~2e-6).
+    """
+
+    def __init__(self, sigmas):
+        self.sigmas, self.i = sigmas.tolist(), 0
+        self.m = []          # clean-latent predictions of the last two steps, newest last
+        self.x_prev = None   # where the last predictor step started: the corrector redoes that step
+        self.order = 1       # order of the last predictor step
+
+    def exp_step(self, x, m, i, j):
+        """The first-order (DDIM) step from sigmas[i] to sigmas[j] with clean latent m; order-2
+        terms enter as a correction folded into m."""
+        s0, s1 = self.sigmas[i], self.sigmas[j]
+        phi = math.expm1(_lambda(s0) - _lambda(s1))       # e^{-h} - 1 = B(h) for bh2
+        return (s1 / s0) * x - (1 - s1) * phi * m
+
+    def step(self, v, x):
+        i, s = self.i, self.sigmas
+        m = x - s[i] * v
+        if i > 0:
+            x = self.correct(m)
+        self.m = [*self.m[-1:], m]
+        self.order = min(2, i + 1, len(s) - 1 - i)
+        self.x_prev = x
+        m0 = self.m[-1]
+        if self.order == 2:  # UniP-2 with the official fixed rho = 1/2
+            r = (_lambda(s[i - 1]) - _lambda(s[i])) / (_lambda(s[i + 1]) - _lambda(s[i]))
+            m0 = m0 + 0.5 * (self.m[-2] - m0) / r
+        self.i += 1
+        return self.exp_step(x, m0, i, i + 1)
+
+    def correct(self, m_new):
+        """UniC: redo the step sigmas[i-1] -> sigmas[i] using the new model output m_new."""
+        i, s = self.i, self.sigmas
+        m0 = self.m[-1]
+        if self.order == 1:  # the official fixed rho = 1/2
+            return self.exp_step(self.x_prev, m0 + 0.5 * (m_new - m0), i - 1, i)
+        hh = _lambda(s[i - 1]) - _lambda(s[i])            # -h
+        phi = math.expm1(hh)
+        r = (_lambda(s[i - 2]) - _lambda(s[i - 1])) / -hh
+        b1 = (phi / hh - 1) / phi
+        b2 = 2 * ((phi / hh - 1) / hh - 0.5) / phi
+        rho0 = (b1 - b2) / (1 - r)                        # solves [[1, 1], [r, 1]] @ rho = [b1, b2]
+        rho1 = b1 - rho0
+        return self.exp_step(self.x_prev, m0 + rho0 * (self.m[-2] - m0) / r + rho1 * (m_new - m0), i - 1, i)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: I2V conditioning, guidance, and THE generation loop with a gradient window
+
+
+def a14b_condition(z, known_frames=(0,)):
+    """y for I2V-A14B: (B, 4 + 16, f, h, w) = [mask, z], z = VAE2.1([image, zero frames]) (B, 16, f, h, w).
+
+    The mask has one value per pixel frame (1 = given), the first repeated 4 times so that the
+    4f values fold into 4 channels per latent frame, as in the official image2video.py.
+    """
+    B, _, f, h, w = z.shape
+    frames = 4 * (f - 1) + 1
+    known = torch.zeros(frames, device=z.device, dtype=z.dtype)
+    known[list(known_frames)] = 1
+    known = torch.cat([known[:1].repeat(4), known[1:]])                   # (4f,)
+    mask = known.view(f, 4).t()[None, :, :, None, None].expand(B, 4, f, h, w)  # (B, 4, f, h, w)
+    return torch.cat([mask, z], dim=1)
+
+
+def frozen(model):
+    """The model's forward with its parameters detached: differentiable in its inputs only."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    return lambda *args, **kwargs: torch.func.functional_call(model, params, args, kwargs)
+
+
+def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
+    """Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); one DiT call when g == 1.
+
+    The unconditional pass never keeps a graph (it runs under no_grad): under a gradient window
+    the gradient flows through g * v_cond only, which halves the activation memory. ROLL and
+    Lightning train and sample with g = 1, where this is exact.
+    """
+    v = model(x_t, t, context, y=y)
+    if guidance == 1.0:
+        return v
+    if context_null is None:
+        raise ValueError(f"guidance {guidance} needs context_null (the encoded NEG_PROMPT)")
+    B = x_t.shape[0]
+    if len(context_null) == 1 and B > 1:  # one negative prompt for the whole batch
+        context_null = context_null.expand(B, -1, -1) if torch.is_tensor(context_null) else list(context_null) * B
+    with torch.no_grad():
+        v_uncond = model(x_t, t, context_null, y=y)
+    return v_uncond + guidance * (v - v_uncond)
+
+
+@dataclass
+class Trace:
+    """What the training loop needs from one rollout (paper Eq. 4 and the multi-step KL, Eq. 7).
+
+    steps: one dict per windowed step: i (step index), x_t (the DiT's input, detached), t (the
+      timestep tensor as fed, (B,) or per-token (B, L)), sigma (float), v (guided velocity, with
+      graph), expert (index into models). v_ref for the KL is velocity(...) on the same x_t, t.
+    x0_hat: x_t - sigma * v at the last step (TI2V: first frame re-imposed); with Euler it is x_0.
+    graph_calls: DiT calls whose parameters are in the graph (one per windowed step; the
+      unconditional CFG pass never has one).
+    """
+    steps: list
+    x0_hat: torch.Tensor
+    graph_calls: int
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None, steps=None, shift=None,
+             guidance=None, solver="unipc", grad_last_k=0, grad_window="last", return_trace=False,
+             progress=False):
+    """Sample a latent video; the one sampling loop of the repository (sample, train and eval use it).
+
+    models: one DiT, or (high_noise, low_noise) for I2V-A14B: the high-noise expert runs while the
+      timestep t >= cfg.boundary * 1000. guidance: a float or one per expert, in the order of
+      models (official config tuples are (low, high)).
+    noise: (B, C, f, h, w), fresh N(0, 1) from the caller (the loop never seeds).
+    context / context_null: text embeddings (B, L, text_dim) or lists, as WanModel takes them.
+    TI2V (cfg.model_type "ti2v"): z_img (B, C, 1, h, w), the VAE latent of the image, replaces the
+      first latent frame at the start and after every step; its tokens get t = 0.
+    I2V-A14B (cfg.model_type "i2v"): y = a14b_condition(...) (B, 20, f, h, w), concatenated to x.
+    Gradient window (paper Eq. 4, DRaFT-K truncation), K = grad_last_k:
+      "last": steps N-K..N-1 keep the graph (DiT, solver, x-path); the earlier ones run under no_grad.
+      "first": steps 0..K-1 keep the graph; the later steps keep the x-path differentiable
+        through the DiT too (parameters detached, see frozen), so the gradient reaching the
+        first K calls is exact; memory then grows with N (the paper's Table 5 ablation).
+    Returns x_0 (B, C, f, h, w), and with return_trace=True (x_0, Trace).
+    Departs from ROLL's loop, which re-seeds its noise every step (a bug) and casts the latent to
+    bf16 after each step: here the noise is the caller's and the latent stays float32.
+    """
+    steps = cfg.sample_steps if steps is None else steps
+    shift = cfg.sample_shift if shift is None else shift
+    guidance = cfg.sample_guide_scale if guidance is None else guidance
+    experts = tuple(models) if isinstance(models, (tuple, list)) else (models,)
+    guides = tuple(guidance) if isinstance(guidance, (tuple, list)) else (guidance,) * len(experts)
+    if len(guides) != len(experts):
+        raise ValueError(f"{len(guides)} guidance scales for {len(experts)} models")
+    if grad_window not in ("last", "first"):
+        raise ValueError(f"grad_window must be 'last' or 'first', got {grad_window!r}")
+    if not 0 <= grad_last_k <= steps:
+        raise ValueError(f"grad_last_k={grad_last_k} must be in [0, steps={steps}]")
+    if z_img is not None and cfg.model_type != "ti2v":
+        raise ValueError("z_img conditions TI2V models; I2V-A14B takes y = a14b_condition(...)")
+    sigmas, timesteps = schedule(steps, shift, solver)
+    solve = UniPC(sigmas) if solver == "unipc" else Euler(sigmas)
+    K, grad = grad_last_k, torch.is_grad_enabled()
+    window = range(steps - K, steps) if grad_window == "last" else range(K)
+
+    B, _, f, h, w = noise.shape
+    x = noise.float()
+    t_mask = None
+    if z_img is not None:
+        pt, ph, pw = cfg.patch_size
+        t_mask = torch.ones(B, f // pt, h // ph, w // pw, device=x.device)
+        t_mask[:, 0] = 0                                                   # first-frame tokens: t = 0
+        t_mask = t_mask.flatten(1)                                         # (B, L)
+        # = (1 - mask) * z_img + mask * x of the official code, mask 0 on the first frame only.
+        x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
+
+    trace, graph_calls, v = [], 0, None
+    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+        t = timesteps[i].to(device=x.device, dtype=torch.float32)
+        e = 0 if len(experts) == 1 or t.item() >= cfg.boundary * 1000 else 1
+        t_in = t_mask * t if t_mask is not None else t.expand(B)          # (B, L) or (B,)
+        windowed = grad and i in window
+        x_path = windowed or (grad and K > 0 and grad_window == "first" and i >= K)
+        with torch.set_grad_enabled(x_path):
+            model = experts[e] if windowed or not x_path else frozen(experts[e])
+            x_t = x
+            v = velocity(model, x_t, t_in, context, context_null, y, guides[e])
+            x = solve.step(v, x_t)
+            if z_img is not None:
+                x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
+        if windowed:
+            graph_calls += 1
+            trace.append(dict(i=i, x_t=x_t.detach(), t=t_in, sigma=sigmas[i].item(), v=v, expert=e))
+    if not return_trace:
+        return x
+    x0_hat = x_t - sigmas[-2].item() * v                                   # the clean latent seen at the last step
+    if z_img is not None:
+        x0_hat = torch.cat([z_img.to(x0_hat), x0_hat[:, :, 1:]], dim=2)
+    return x, Trace(trace, x0_hat, graph_calls, sigmas, timesteps)
 
 
 # -----------------------------------------------------------------------------
@@ -1297,7 +1568,7 @@ def save_video(path, video, fps, metadata=None):
     tmp = f"{path}.tmp{os.getpid()}.mp4"
     try:
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
-                                ffmpeg_params=["-pix_fmt", "yuv420p"]) as writer:
+                                pixelformat="yuv420p") as writer:
             for frame in frames:
                 writer.append_data(frame)
         os.replace(tmp, path)

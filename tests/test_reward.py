@@ -10,10 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reward  # noqa: E402
+import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "tests", "assets")
@@ -77,9 +75,11 @@ def test_same_person_beats_every_different_pair(embeddings):
     assert min(same) > 0.45 and max(diff) < 0.35 and min(same) - max(diff) > 0.2, f"\n{table}"
 
 
-def test_embed_image_file_and_unit_norm(model):
+def test_embed_image_file(model, embeddings, tmp_path):
     e = reward.embed_image_file(os.path.join(ASSETS, "person_b_1.jpg"), model)
-    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5
+    assert e.shape == (128,) and abs(float(e.norm()) - 1) < 1e-5 and float(e @ embeddings[2]) > 0.999
+    cv2.imwrite(str(tmp_path / "wall.png"), np.full((64, 96, 3), 200, np.uint8))
+    assert reward.embed_image_file(str(tmp_path / "wall.png"), model) is None
     with pytest.raises(ValueError):
         reward.embed_image_file(os.path.join(ASSETS, "LICENSES.txt"), model)
 
@@ -178,6 +178,39 @@ def test_yunet_decoding_matches_opencv_face_detector(model):
             match = min(ours, key=lambda f: np.abs(f.landmarks - row[4:14].reshape(5, 2)).max())
             assert np.abs(match.landmarks - row[4:14].reshape(5, 2)).max() < 0.5
             assert abs(match.score - row[14]) < 1e-3
+
+
+def test_model_names_resolve_to_files_or_hugging_face(monkeypatch, tmp_path):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: calls.append((repo_id, filename)) or "x")
+    local = tmp_path / "w600k_r50.onnx"
+    local.write_bytes(b"")
+    assert reward.resolve_model_path(str(local)) == str(local)
+    assert reward.resolve_model_path("someone/antelopev2/models/glintr100.onnx") == "x"
+    assert calls == [("someone/antelopev2", "models/glintr100.onnx")]
+    with pytest.raises(FileNotFoundError):
+        reward.resolve_model_path("glintr100.onnx")
+
+
+def test_scrfd_wrapper_feeds_insightface_bgr_and_sorts_faces():
+    """No det_10g.onnx offline: check our side of the SCRFD wrapper with a stand-in for
+    insightface's class (it takes BGR uint8 and returns det (N, 5), kps (N, 5, 2))."""
+    seen = []
+
+    class StandIn:
+        def detect(self, img):
+            seen.append(img)
+            det = np.array([[10, 10, 20, 20, 0.9], [0, 0, 50, 40, 0.8]], np.float32)
+            return det, np.arange(20, dtype=np.float32).reshape(2, 5, 2)
+
+    det = reward.SCRFD.__new__(reward.SCRFD)
+    det.model = StandIn()
+    rgb = photo("person_a_1")
+    faces = det(reward.to_pixels(rgb))[0]
+    assert np.array_equal(seen[0], rgb[..., ::-1])
+    assert [f.score for f in faces] == [pytest.approx(0.8), pytest.approx(0.9)]   # largest first
+    assert faces[0].landmarks.shape == (5, 2) and faces[0].landmarks[0, 0] == 10
 
 
 def test_face_model_kind_table_on_written_onnx_files(tmp_path, model):
