@@ -37,8 +37,9 @@ visible if the detector is confident (score >= --min-face-score) and its embeddi
 the clip's medoid face (cosine >= --min-face-sim). YuNet keeps high scores and plausible
 landmarks under masks and hands, but the embedding of a covered face drifts away from the
 person's (measured at 64 px with SFace: eyes covered by a mask texture 0.02-0.45 to a clean face
-of the clip; clean faces of a demo clip to its medoid >= 0.69), so the second test does the work. It assumes most faces of a clip are clear; it
-also drops faces of a second person who is sometimes the largest. Only visible faces enter the
+of the clip; clean faces of a demo clip to its medoid >= 0.69), so the second test does the work.
+It assumes most faces of a clip are clear; it also drops the faces of a second person in frames
+where that person's face is the largest (stats.outlier_frames counts them). Only visible faces enter the
 pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
 
 A clip whose frame 0 has no face is kept (stats.first_face false): the reward never scores
@@ -129,15 +130,20 @@ def get_args(argv=None):
     pre.add_argument("--out", required=True, help="output folder: clips/, manifest")
     pre.add_argument("--every", type=int, default=1, help="detect faces in every N-th frame")
     pre.add_argument("--max-frames", type=int, default=0, help="a clip is the first N frames of its video (0: all)")
-    pre.add_argument("--min-frames", type=int, default=None, help="shortest clip kept (default: the preset's frame_num)")
+    pre.add_argument("--min-frames", type=int, default=None,
+                     help="shortest clip kept (default: the preset's frame_num)")
     pre.add_argument("--max-face-px", type=float, default=100.0,
                      help="largest face allowed, in px at 960p (scaled by the shorter side / 960)")
-    pre.add_argument("--min-face-frac", type=float, default=0.4, help="fraction of checked frames that must show a face")
+    pre.add_argument("--min-face-frac", type=float, default=0.4,
+                     help="fraction of checked frames that must show a face")
     pre.add_argument("--min-face-score", type=float, default=0.8, help="occlusion proxy: detector confidence")
-    pre.add_argument("--min-face-sim", type=float, default=0.4, help="occlusion proxy: cosine to the clip's medoid face")
-    pre.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS), help="whose text encoder embeds the captions")
+    pre.add_argument("--min-face-sim", type=float, default=0.4,
+                     help="occlusion proxy: cosine to the clip's medoid face")
+    pre.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS),
+                     help="the preset whose text encoder embeds the captions")
     pre.add_argument("--text-encoder", default=None,
-                     help="umT5 weights + tokenizer folder or HF repo (default: the preset's repo; tiny: seeded random)")
+                     help="umT5 weights + tokenizer: folder or HF repo (default: the preset's repo; "
+                          "tiny: its seeded random encoder)")
     pre.add_argument("--face-model", default=None, help="recognizer ONNX (default: reward.py's, SFace)")
     pre.add_argument("--detector", default=None, help="detector ONNX (default: reward.py's, YuNet)")
     pre.add_argument("--eval-identities", default="", help="comma-separated identities held out as split 'eval'")
@@ -485,8 +491,9 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
     if not meta["stopped_early"] and meta["n_frames"] < args.min_frames:
         return {**line, "reason": "too_short", "detail": f"{meta['n_frames']} frames < {args.min_frames}"}
     if confident and max(confident) > limit:
+        short_side = min(meta["height"], meta["width"])
         return {**line, "reason": "face_too_large",
-                "detail": f"a {max(confident):.0f} px face; the limit at {min(meta['height'], meta['width'])}p is {limit:.1f} px"}
+                "detail": f"a {max(confident):.0f} px face; the limit at {short_side}p is {limit:.1f} px"}
     if len(idx) < args.min_face_frac * checked:
         return {**line, "reason": "few_faces", "detail": f"a face in {len(idx)}/{meta['checked']} frames checked"}
     if len(keep) < args.min_face_frac * checked:
@@ -505,11 +512,12 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
                    landmarks=torch.from_numpy(np.stack([found[i][1] for i in keep])).float(),  # (N, 5, 2)
                    first_frame=torch.from_numpy(meta["first_frame"]),               # (H, W, 3)
                    context=encode(caption))                                         # (L, text_dim)
-    metadata = dict(clip_id=clip_id, caption=caption, video=os.path.relpath(os.path.abspath(path), os.path.abspath(out)),
-                    source=rel, fps=str(meta["fps"]), n_frames=str(meta["n_frames"]), height=str(meta["height"]),
-                    width=str(meta["width"]), identity=identity, split=split, stats=json.dumps(stats),
-                    face_model=face_names["face_model"], detector=face_names["detector"],
-                    text_encoder=encode.name, model=args.model, args=json.dumps(args.record_args))
+    video = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    metadata = dict(clip_id=clip_id, caption=caption, video=video, source=rel, fps=str(meta["fps"]),
+                    n_frames=str(meta["n_frames"]), height=str(meta["height"]), width=str(meta["width"]),
+                    identity=identity, split=split, stats=json.dumps(stats), face_model=face_names["face_model"],
+                    detector=face_names["detector"], text_encoder=encode.name, model=args.model,
+                    args=json.dumps(args.record_args))
     write_record(os.path.join(out, "clips", f"{clip_id}.safetensors"), tensors, metadata)
     return {**line, "status": "kept", "reason": "ok", "split": split, "identity": identity,
             "record": f"clips/{clip_id}.safetensors"}

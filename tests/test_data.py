@@ -285,7 +285,8 @@ def test_broken_and_unusual_inputs_are_reported_and_the_run_goes_on(tmp_path, fa
     assert "Invalid data" in lines["notes.mp4"]["detail"] and "moov atom not found" in lines["truncated.mp4"]["detail"]
     assert lines["gray.mkv"]["stats"]["grayscale"] and not lines["good.mp4"]["stats"]["grayscale"]
     t, meta = data.read_record(tmp_path / "out" / "clips" / "uhd.safetensors")
-    assert t["first_frame"].shape == (2160, 3840, 3) and json.loads(meta["stats"])["detect_scale"] == pytest.approx(1 / 3, abs=1e-3)
+    assert t["first_frame"].shape == (2160, 3840, 3)
+    assert json.loads(meta["stats"])["detect_scale"] == pytest.approx(1 / 3, abs=1e-3)      # detected at 1280 px
     width = t["boxes"][:, 2] - t["boxes"][:, 0]                # in 4K pixels: ~0.35 * 320 = 112
     assert (width > 85).all() and (width < 140).all() and (t["boxes"][:, 0] > 1700).all(), t["boxes"]
     gray, _ = data.read_record(tmp_path / "out" / "clips" / "gray.safetensors")
