@@ -39,8 +39,8 @@ landmarks under masks and hands, but the embedding of a covered face drifts away
 person's (measured at 64 px with SFace: eyes covered by a mask texture 0.02-0.45 to a clean face
 of the clip; clean faces of a demo clip to its medoid >= 0.69), so the second test does the work.
 It assumes most faces of a clip are clear; it also drops the faces of a second person in frames
-where that person's face is the largest (stats.outlier_frames counts them). Only visible faces enter the
-pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
+where that person's face is the largest (stats.outlier_frames counts them). Only visible faces
+enter the pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
 
 A clip whose frame 0 has no face is kept (stats.first_face false): the reward never scores
 against frame 0. ROLL's GT pool masks faceless frames and excludes frame 0, the conditioning
@@ -84,7 +84,8 @@ in tests/assets/LICENSES.txt). Identities (12): t1_0 ... t1_5 (the faces of t1.j
 right), tom_hanks, astronaut, person_a, person_b, impostor_1, impostor_2. Each photo becomes
 --clips short clips (a seeded camera: pan, zoom, small rotation) with the face 29-44% of the
 frame width (19-28 px at 64x64; YuNet finds every one), written as H.264 mp4 with captions and
-passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_4, astronaut.
+passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_4, astronaut
+(with the default --clips 2: 28 clips, 20 train and 8 eval).
 Since a detectable face in a 64 px frame is far above 100 px at 960p, the demo runs prepare
 with --max-face-px 720 (faces up to 75% of the shorter side).
 """
