@@ -636,7 +636,7 @@ class ClipDataset(torch.utils.data.Dataset):
             for line in manifest.values():
                 why[line.get("reason")] = why.get(line.get("reason"), 0) + 1
             raise FileNotFoundError(f"{root}: no clip records in {folder}; "
-                                    + (f"the manifest lists {len(manifest)} videos, none kept: {why}" if manifest
+                                    + (f"the manifest lists {len(manifest)} videos with reasons {why}" if manifest
                                        else "run `python data.py prepare --videos DIR --out ROOT` first"))
         self.root, self.frames, self.size = root, frames, tuple(size) if size is not None else None
         self.records, short = [], []
