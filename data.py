@@ -36,10 +36,11 @@ Occlusion proxy (occlusion_proxy; the paper's VLM is not available offline): a f
 visible if the detector is confident (score >= --min-face-score) and its embedding agrees with
 the clip's medoid face (cosine >= --min-face-sim). YuNet keeps high scores and plausible
 landmarks under masks and hands, but the embedding of a covered face drifts away from the
-person's (measured on our photos: eyes or forehead covered 0.0-0.6, clean frames of a clip
-0.8-0.95), so the second test does the work. It assumes most faces of a clip are clear; it
-also drops faces of a second person who is sometimes the largest. Only visible faces enter the
-pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
+person's (measured at 64 px with SFace: eyes covered by a mask texture 0.02-0.45 to a clean face
+of the clip; clean faces of a demo clip to its medoid >= 0.69), so the second test does the work.
+It assumes most faces of a clip are clear; it also drops the faces of a second person in frames
+where that person's face is the largest (stats.outlier_frames counts them). Only visible faces
+enter the pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
 
 A clip whose frame 0 has no face is kept (stats.first_face false): the reward never scores
 against frame 0. ROLL's GT pool masks faceless frames and excludes frame 0, the conditioning
@@ -83,7 +84,8 @@ in tests/assets/LICENSES.txt). Identities (12): t1_0 ... t1_5 (the faces of t1.j
 right), tom_hanks, astronaut, person_a, person_b, impostor_1, impostor_2. Each photo becomes
 --clips short clips (a seeded camera: pan, zoom, small rotation) with the face 29-44% of the
 frame width (19-28 px at 64x64; YuNet finds every one), written as H.264 mp4 with captions and
-passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_4, astronaut.
+passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_4, astronaut
+(with the default --clips 2: 28 clips, 20 train and 8 eval).
 Since a detectable face in a 64 px frame is far above 100 px at 960p, the demo runs prepare
 with --max-face-px 720 (faces up to 75% of the shorter side).
 """
@@ -91,7 +93,6 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -110,9 +111,15 @@ VIDEO_EXTENSIONS = tuple(sorted(reward.VIDEO_EXTENSIONS - {".gif"}))
 REFERENCE_SHORT_SIDE = 960   # "960p" in Sec. 5.1: the shorter side of the frame, in pixels
 DETECT_MAX_SIDE = 1280       # frames are shrunk to this longer side for detection and embedding
 CHUNK = 16                   # frames per detector/recognizer call
+# The demo's photos: (name, identity, file, which face from the left). Files are looked up in
+# insightface's data/images, then tests/assets; "astronaut" is skimage.data.astronaut().
+DEMO_PHOTOS = (*((f"t1_{i}", f"t1_{i}", "t1.jpg", i) for i in range(6)),
+               ("tom_hanks", "tom_hanks", "Tom_Hanks_54745.png", 0), ("astronaut", "astronaut", "astronaut", 0),
+               ("person_a_1", "person_a", "person_a_1.jpg", 0), ("person_a_2", "person_a", "person_a_2.jpg", 0),
+               ("person_b_1", "person_b", "person_b_1.jpg", 0), ("person_b_2", "person_b", "person_b_2.jpg", 0),
+               ("impostor_1", "impostor_1", "impostor_1.jpg", 0), ("impostor_2", "impostor_2", "impostor_2.jpg", 0))
 DEMO_EVAL_IDENTITIES = ("person_b", "t1_4", "astronaut")
 DEMO_FACE_FRAC = (0.32, 0.40)  # face box width / frame width in the demo clips
-REJECT_REASONS = ("empty_file", "unreadable", "too_short", "face_too_large", "few_faces", "occluded", "no_pool")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -124,15 +131,20 @@ def get_args(argv=None):
     pre.add_argument("--out", required=True, help="output folder: clips/, manifest")
     pre.add_argument("--every", type=int, default=1, help="detect faces in every N-th frame")
     pre.add_argument("--max-frames", type=int, default=0, help="a clip is the first N frames of its video (0: all)")
-    pre.add_argument("--min-frames", type=int, default=None, help="shortest clip kept (default: the preset's frame_num)")
+    pre.add_argument("--min-frames", type=int, default=None,
+                     help="shortest clip kept (default: the preset's frame_num)")
     pre.add_argument("--max-face-px", type=float, default=100.0,
                      help="largest face allowed, in px at 960p (scaled by the shorter side / 960)")
-    pre.add_argument("--min-face-frac", type=float, default=0.4, help="fraction of checked frames that must show a face")
+    pre.add_argument("--min-face-frac", type=float, default=0.4,
+                     help="fraction of checked frames that must show a face")
     pre.add_argument("--min-face-score", type=float, default=0.8, help="occlusion proxy: detector confidence")
-    pre.add_argument("--min-face-sim", type=float, default=0.4, help="occlusion proxy: cosine to the clip's medoid face")
-    pre.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS), help="whose text encoder embeds the captions")
+    pre.add_argument("--min-face-sim", type=float, default=0.4,
+                     help="occlusion proxy: cosine to the clip's medoid face")
+    pre.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS),
+                     help="the preset whose text encoder embeds the captions")
     pre.add_argument("--text-encoder", default=None,
-                     help="umT5 weights + tokenizer folder or HF repo (default: the preset's repo; tiny: seeded random)")
+                     help="umT5 weights + tokenizer: folder or HF repo (default: the preset's repo; "
+                          "tiny: its seeded random encoder)")
     pre.add_argument("--face-model", default=None, help="recognizer ONNX (default: reward.py's, SFace)")
     pre.add_argument("--detector", default=None, help="detector ONNX (default: reward.py's, YuNet)")
     pre.add_argument("--eval-identities", default="", help="comma-separated identities held out as split 'eval'")
@@ -317,7 +329,7 @@ class CaptionEncoder:
             self.name = "tiny-t5-seed0+bytes"
         else:
             self.src = src or self.cfg.repo
-            self.name = f"umt5-xxl:{self.src}"
+            self.name = f"{'umt5-xxl' if not self.cfg.t5_kwargs else self.cfg.name + '-t5'}:{self.src}"
 
     def __call__(self, caption):
         if self.t5 is None:
@@ -327,7 +339,9 @@ class CaptionEncoder:
                     self.t5 = wan.build_t5(self.cfg).to(self.device).eval().requires_grad_(False)
                 self.tokenizer = wan.load_tokenizer(self.cfg)
             else:
-                self.t5 = wan.load_t5(self.cfg, self.src, device=self.device)
+                # bf16 on GPUs, as the official pipeline runs umT5; fp32 on CPUs, where bf16 is ~300x slower.
+                dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
+                self.t5 = wan.load_t5(self.cfg, self.src, dtype=dtype, device=self.device)
                 self.tokenizer = wan.load_tokenizer(self.cfg, self.src)
         return wan.encode_text([caption], self.t5, self.tokenizer)[0].float().cpu()
 
@@ -401,10 +415,10 @@ def decoded_frames(reader):
         yield np.repeat(frame[..., None], 3, -1) if frame.ndim == 2 else frame[..., :3]
 
 
-def scan_video(path, faces, args, limit_of):
+def scan_video(path, faces, args):
     """Stream a video once. Returns (meta, faces found): meta has fps, n_frames, height, width,
     first_frame, checked, gray, scale, stopped_early; faces found: {frame index: find_faces tuple}.
-    Stops early at the first confident face above the size limit limit_of(H, W)."""
+    Stops early at the first confident face above the size limit (nothing after it can save the clip)."""
     reader, fps = open_video(path)
     meta = dict(fps=fps, n_frames=0, height=0, width=0, first_frame=None, checked=0, gray=True,
                 scale=1.0, stopped_early=False)
@@ -415,7 +429,7 @@ def scan_video(path, faces, args, limit_of):
             if hit is not None:
                 found[i] = hit
         batch.clear(), index.clear(), scales.clear()
-        limit = limit_of(meta["height"], meta["width"])
+        limit = face_limit_px(args.max_face_px, meta["height"], meta["width"])
         return any(max(h[0][2] - h[0][0], h[0][3] - h[0][1]) > limit
                    for h in found.values() if h[2] >= args.min_face_score)
 
@@ -448,9 +462,8 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
     line = dict(video=rel, clip_id=clip_id, status="rejected", reason="", detail="", stats={})
     if os.path.getsize(path) == 0:
         return {**line, "reason": "empty_file", "detail": "the file has 0 bytes"}
-    limit_of = lambda h, w: face_limit_px(args.max_face_px, h, w)
     try:
-        meta, found = scan_video(path, faces, args, limit_of)
+        meta, found = scan_video(path, faces, args)
     except OSError as err:  # ffmpeg cannot open or decode it: report and go on with the next video
         return {**line, "reason": "unreadable", "detail": str(err)}
     if meta["n_frames"] == 0:
@@ -463,7 +476,7 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
         else torch.zeros(0, dtype=torch.bool)
     sizes = [max(found[i][0][2] - found[i][0][0], found[i][0][3] - found[i][0][1]) for i in idx]
     confident = [s for s, c in zip(sizes, (scores >= args.min_face_score).tolist()) if c]
-    limit = limit_of(meta["height"], meta["width"])
+    limit = face_limit_px(args.max_face_px, meta["height"], meta["width"])
     checked = max(meta["checked"], 1)
     keep = [i for i, v in zip(idx, visible.tolist()) if v]
     stats = dict(n_frames=meta["n_frames"], frames_checked=meta["checked"], face_frames=len(idx),
@@ -479,8 +492,9 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
     if not meta["stopped_early"] and meta["n_frames"] < args.min_frames:
         return {**line, "reason": "too_short", "detail": f"{meta['n_frames']} frames < {args.min_frames}"}
     if confident and max(confident) > limit:
+        short_side = min(meta["height"], meta["width"])
         return {**line, "reason": "face_too_large",
-                "detail": f"a {max(confident):.0f} px face; the limit at {min(meta['height'], meta['width'])}p is {limit:.1f} px"}
+                "detail": f"a {max(confident):.0f} px face; the limit at {short_side}p is {limit:.1f} px"}
     if len(idx) < args.min_face_frac * checked:
         return {**line, "reason": "few_faces", "detail": f"a face in {len(idx)}/{meta['checked']} frames checked"}
     if len(keep) < args.min_face_frac * checked:
@@ -499,11 +513,12 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
                    landmarks=torch.from_numpy(np.stack([found[i][1] for i in keep])).float(),  # (N, 5, 2)
                    first_frame=torch.from_numpy(meta["first_frame"]),               # (H, W, 3)
                    context=encode(caption))                                         # (L, text_dim)
-    metadata = dict(clip_id=clip_id, caption=caption, video=os.path.relpath(os.path.abspath(path), os.path.abspath(out)),
-                    source=rel, fps=str(meta["fps"]), n_frames=str(meta["n_frames"]), height=str(meta["height"]),
-                    width=str(meta["width"]), identity=identity, split=split, stats=json.dumps(stats),
-                    face_model=face_names["face_model"], detector=face_names["detector"],
-                    text_encoder=encode.name, model=args.model, args=json.dumps(args.record_args))
+    video = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    metadata = dict(clip_id=clip_id, caption=caption, video=video, source=rel, fps=str(meta["fps"]),
+                    n_frames=str(meta["n_frames"]), height=str(meta["height"]), width=str(meta["width"]),
+                    identity=identity, split=split, stats=json.dumps(stats), face_model=face_names["face_model"],
+                    detector=face_names["detector"], text_encoder=encode.name, model=args.model,
+                    args=json.dumps(args.record_args))
     write_record(os.path.join(out, "clips", f"{clip_id}.safetensors"), tensors, metadata)
     return {**line, "status": "kept", "reason": "ok", "split": split, "identity": identity,
             "record": f"clips/{clip_id}.safetensors"}
@@ -545,10 +560,10 @@ def prepare(args, faces=None, face_names=None, encode=None):
     os.makedirs(clips, exist_ok=True)
     ids = clip_ids(videos)
     mine = [rel for i, rel in enumerate(videos) if i % world == rank]
-    for rel in mine:                     # temporary files of a run killed mid-write
-        for name in os.listdir(clips):
-            if name.startswith(f"{ids[rel]}.safetensors.tmp"):
-                os.remove(os.path.join(clips, name))
+    my_ids = {ids[rel] for rel in mine}
+    for name in os.listdir(clips):       # temporary files of this shard left by a run killed mid-write
+        if ".safetensors.tmp" in name and name.split(".safetensors.tmp")[0] in my_ids:
+            os.remove(os.path.join(clips, name))
     part = manifest_path(args.out, rank, world)
     repair_manifest(part)
     done = read_manifest(args.out)
@@ -621,7 +636,7 @@ class ClipDataset(torch.utils.data.Dataset):
             for line in manifest.values():
                 why[line.get("reason")] = why.get(line.get("reason"), 0) + 1
             raise FileNotFoundError(f"{root}: no clip records in {folder}; "
-                                    + (f"the manifest lists {len(manifest)} videos, none kept: {why}" if manifest
+                                    + (f"the manifest lists {len(manifest)} videos with reasons {why}" if manifest
                                        else "run `python data.py prepare --videos DIR --out ROOT` first"))
         self.root, self.frames, self.size = root, frames, tuple(size) if size is not None else None
         self.records, short = [], []
@@ -675,26 +690,24 @@ def collate(items, device="cpu"):
 
 
 def demo_photos(faces):
-    """[(identity, photo name, uint8 image, the face to film)]: the photos the docstring lists."""
+    """[(name, identity, uint8 image, the face to film)] for DEMO_PHOTOS; faces of one photo are
+    numbered left to right."""
     import importlib.util
     import skimage.data
-    images = os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images")
-    assets = os.path.join(HERE, "tests", "assets")
-    group = reward.read_image(os.path.join(images, "t1.jpg"))
-    people = sorted(faces.detect(group[None])[0], key=lambda f: f.box[0])   # left to right
-    if len(people) != 6:
-        raise RuntimeError(f"expected the six faces of t1.jpg, the detector found {len(people)}")
-    photos = [(f"t1_{i}", f"t1_{i}", group, face) for i, face in enumerate(people)]
-    for identity, name, img in [("tom_hanks", "tom_hanks", reward.read_image(os.path.join(images, "Tom_Hanks_54745.png"))),
-                                ("astronaut", "astronaut", skimage.data.astronaut())] + \
-            [(identity, name, reward.read_image(os.path.join(assets, name + ".jpg")))
-             for identity, name in (("person_a", "person_a_1"), ("person_a", "person_a_2"), ("person_b", "person_b_1"),
-                                    ("person_b", "person_b_2"), ("impostor_1", "impostor_1"),
-                                    ("impostor_2", "impostor_2"))]:
-        found = faces.detect(img[None])[0]
-        if not found:
-            raise RuntimeError(f"no face found in the demo photo {name}")
-        photos.append((identity, name, img, found[0]))
+    folders = [os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images"),
+               os.path.join(HERE, "tests", "assets")]
+    found, photos = {}, []
+    for name, identity, file, k in DEMO_PHOTOS:
+        if file not in found:
+            paths = [os.path.join(d, file) for d in folders if os.path.isfile(os.path.join(d, file))]
+            img = skimage.data.astronaut() if file == "astronaut" else reward.read_image(paths[0]) if paths else None
+            if img is None:
+                raise FileNotFoundError(f"demo photo {file} not found in {folders}")
+            found[file] = img, sorted(faces.detect(img[None])[0], key=lambda f: f.box[0])
+        img, people = found[file]
+        if k >= len(people):
+            raise RuntimeError(f"the detector found {len(people)} faces in the demo photo {file}, expected {k + 1}+")
+        photos.append((name, identity, img, people[k]))
     return photos
 
 
@@ -704,7 +717,7 @@ def camera_move(rng, face_frac, size):
     def pose(zoom):
         return dict(s=face_frac * zoom, a=rng.uniform(-5, 5), dx=rng.uniform(-0.12, 0.12) * size,
                     dy=rng.uniform(-0.08, 0.08) * size)
-    return pose(rng.uniform(0.9, 1.0)), pose(rng.uniform(1.0, 1.1))
+    return pose(rng.uniform(0.9, 1.1)), pose(rng.uniform(0.9, 1.1))
 
 
 def render_clip(img, face, size, frames, start, end, supersample=4):
@@ -738,7 +751,7 @@ def write_demo_videos(args, faces):
     folder = os.path.join(args.out, "videos")
     os.makedirs(folder, exist_ok=True)
     rows = []
-    for p, (identity, name, img, face) in enumerate(demo_photos(faces)):
+    for p, (name, identity, img, face) in enumerate(demo_photos(faces)):
         for k in range(args.clips):
             rng = np.random.default_rng([args.seed, p, k])
             start, end = camera_move(rng, rng.uniform(*DEMO_FACE_FRAC), args.size)
