@@ -93,6 +93,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -151,6 +152,13 @@ def get_args(argv=None):
     pre.add_argument("--eval-frac", type=float, default=0.1, help="fraction of other identities (by hash) held out")
     pre.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     pre.add_argument("--threads", type=int, default=0, help="CPU threads for the face models (0: torch's default)")
+    fit = sub.add_parser("fit-vae", help="fit the preset's (small) VAE on the training clips of a data.py folder")
+    fit.add_argument("--data", required=True)
+    fit.add_argument("--out", required=True, help="a .safetensors file (official key layout)")
+    fit.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS))
+    fit.add_argument("--seconds", type=float, default=600.0, help="time budget of the fit")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--threads", type=int, default=0)
     demo = sub.add_parser("demo", help="build the small real-face demo set from bundled photos, then prepare it")
     demo.add_argument("--out", required=True)
     demo.add_argument("--frames", type=int, default=9)
@@ -788,11 +796,96 @@ def build_demo(args, faces=None, face_names=None):
     return summary
 
 
+# -----------------------------------------------------------------------------
+# The demo's small VAE: fitted once on the demo's training clips, shipped in assets/
+
+
+def random_crops(videos, n, frames, crop, g):
+    """n random (3, frames, crop, crop) windows of the (3, F, H, W) videos, random time offset."""
+    out = []
+    for _ in range(n):
+        v = videos[torch.randint(len(videos), (1,), generator=g).item()]
+        t = torch.randint(v.shape[1] - frames + 1, (1,), generator=g).item()
+        y = torch.randint(v.shape[2] - crop + 1, (1,), generator=g).item()
+        x = torch.randint(v.shape[3] - crop + 1, (1,), generator=g).item()
+        out.append(v[:, t:t + frames, y:y + crop, x:x + crop])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def fold_latent_stats(vae, videos):
+    """Rescale the fitted VAE so that its normalised latents have zero mean and unit variance per
+    channel on the data: folded into conv1 (encoder side) and conv2 (decoder side), so the
+    official normalisation tables and the official key layout stay as they are."""
+    z = torch.cat([vae.encode(v[None]) for v in videos])                 # (N, z, f, h, w)
+    m = z.mean(dim=(0, 2, 3, 4))
+    s = z.std(dim=(0, 2, 3, 4)).clamp(min=1e-3)
+    # encode: z = (mu - mean) / std  ->  want (z - m) / s, i.e. mu' = mean + std * ((mu - mean) / std - m) / s
+    mean, std = vae.mean.to(z), vae.std.to(z)
+    a = 1 / s                                                             # mu' = a * mu + b (per channel)
+    b = mean + std * (-mean / std - m) / s
+    zd = vae.z_dim
+    w1, b1 = vae.conv1.weight, vae.conv1.bias                            # first z_dim outputs are mu
+    w1[:zd] *= a.view(-1, 1, 1, 1, 1)
+    b1[:zd] = b1[:zd] * a + b
+    # decode: conv2(mu') must equal conv2_old(mu) with mu = (mu' - b) / a
+    w2, b2 = vae.conv2.weight, vae.conv2.bias                            # (z, z, 1, 1, 1)
+    b2 += -(w2[:, :, 0, 0, 0] * (b / a)).sum(1)
+    w2 /= a.view(1, -1, 1, 1, 1)
+    return m, s
+
+
+def fit_vae(cfg, videos, seconds, seed=0, frames=5, crop=32, batch=8, lr=1e-3, log=print):
+    """Fit build_vae(cfg) to (3, F, H, W) clips in [-1, 1] by L1 reconstruction on random
+    5-frame 32x32 windows (a first frame and one causal chunk of 4: both code paths), for a
+    fixed time budget; then fold the latent statistics. Returns the VAE (eval, frozen)."""
+    import time
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = wan.build_vae(cfg)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    t0, it = time.time(), 0
+    while time.time() - t0 < seconds:
+        x = random_crops(videos, batch, frames, crop, g)
+        rec = vae.decode(vae.encode(x), checkpoint=False)
+        loss = (rec - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        it += 1
+        if it % 100 == 0:
+            log(f"vae fit: step {it}, {time.time() - t0:.0f} s, L1 {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    fold_latent_stats(vae, videos)
+    return vae
+
+
+def fit_vae_command(args):
+    """python data.py fit-vae: fit the preset's VAE class on a data.py folder's training clips."""
+    from safetensors.torch import save_file
+    cfg = wan.get_config(args.model)
+    ds = ClipDataset(args.data, split="train", frames=cfg.frame_num, size=cfg.size)
+    videos = [ds[k]["video"] for k in range(len(ds))]
+    print(f"fitting the {cfg.name} VAE ({cfg.vae}, {cfg.vae_kwargs}) on {len(videos)} training clips "
+          f"for {args.seconds:.0f} s", file=sys.stderr)
+    vae = fit_vae(cfg, videos, args.seconds, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    with torch.no_grad():
+        err = [(vae.decode(vae.encode(v[None]), checkpoint=False)[0] - v).square().mean().item() for v in videos]
+    psnr = 10 * math.log10(4 / (sum(err) / len(err)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = {"model": cfg.name, "seconds": str(args.seconds), "psnr_train": f"{psnr:.2f}", "clips": str(len(videos))}
+    tmp = args.out + ".tmp"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp, metadata=meta)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: reconstruction PSNR {psnr:.2f} dB on the training clips", file=sys.stderr)
+
 if __name__ == "__main__":
     args = get_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.command == "prepare":
         prepare(args)
+    elif args.command == "fit-vae":
+        fit_vae_command(args)
     else:
         build_demo(args)

@@ -252,11 +252,16 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
     return loss, stats
 
 
-def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device):
+def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device, latents=None):
     """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
-    v = eps - x_0, sigma shifted like the sampler's; the first latent frame stays clean (TI2V)."""
+    v = eps - x_0, sigma shifted like the sampler's; the first latent frame stays clean (TI2V).
+    `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
+    latents = {} if latents is None else latents
     with torch.no_grad():
-        x0 = vae.encode(batch["video"])                                          # (B, C, f, h, w)
+        for k, clip in enumerate(batch["clip_id"]):
+            if clip not in latents:
+                latents[clip] = vae.encode(batch["video"][k:k + 1])[0]
+        x0 = torch.stack([latents[c] for c in batch["clip_id"]])                # (B, C, f, h, w)
     B = x0.shape[0]
     gens = [sample_generator(args.seed, step, i, device) for i in indices]
     eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
@@ -508,7 +513,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     per_rank = args.batch // world
     accum = per_rank // args.micro_batch
-    bad = 0
+    bad, latents = 0, {}
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
     for step in bar:
@@ -528,7 +533,8 @@ def main(argv=None):
                     loss, stats = ipro_loss(args, cfg, experts, policy, ref, vae, faces,
                                             batch, step, indices, device)
                 else:
-                    loss, stats = sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device)
+                    loss, stats = sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device,
+                                           latents)
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
             for k, v in stats.items():
