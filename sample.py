@@ -32,7 +32,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Wan2.2 image-to-video: image + prompt in, mp4 (and a JSON of "
                                 "the settings) out. Unset options take the preset's official defaults.")
     p.add_argument("--model", default="5b", choices=sorted(wan.CONFIGS),
-                   help="preset: 5b (TI2V-5B), a14b (I2V-A14B, two experts) or tiny (CPU demo)")
+                   help="preset: 5b (TI2V-5B, the default), a14b (I2V-A14B, two experts) or tiny (CPU demo)")
     p.add_argument("--image", required=True, help="first frame: any image PIL reads (gray, RGBA, 16-bit too)")
     p.add_argument("--prompt", required=True, help="what happens in the video")
     p.add_argument("--out", default="out.mp4", help="the .mp4 to write; its settings go to the .json beside it")
