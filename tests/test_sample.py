@@ -160,6 +160,20 @@ def test_mp4_round_trip_and_json_reproduces_the_video(tmp_path):
     assert (other - video).abs().mean() > 0.01
 
 
+def test_a_failed_write_leaves_the_old_video_and_no_file(tmp_path, monkeypatch):
+    video = torch.zeros(3, 5, 16, 16)
+    wan.save_video(str(tmp_path / "v.mp4"), video, fps=8)
+    before = (tmp_path / "v.mp4").read_bytes()
+
+    def rename_fails(src, dst):  # the new mp4 is complete, but cannot take the old one's place
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(OSError, match="disk full"):
+        wan.save_video(str(tmp_path / "v.mp4"), video + 0.5, fps=8, metadata={"seed": 1})
+    assert os.listdir(tmp_path) == ["v.mp4"] and (tmp_path / "v.mp4").read_bytes() == before
+
+
 # -----------------------------------------------------------------------------
 # The A14B path: two experts, the y condition, LoRAs and --ckpt
 
