@@ -485,7 +485,7 @@ def resolve(src, patterns):
         raise FileNotFoundError(
             f"could not get {list(patterns)} of {src!r}: not a local folder, and the Hugging Face hub "
             f"gave no copy (looked in {HF_HUB_CACHE}; offline={os.environ.get('HF_HUB_OFFLINE', '0')}). "
-            f"Download it first (huggingface-cli download {src}) or pass the local folder. ({type(err).__name__}: {err})"
+            f"Download it first (hf download {src}) or pass the local folder. ({type(err).__name__}: {err})"
         ) from None
 
 
