@@ -633,9 +633,10 @@ class ClipDataset(torch.utils.data.Dataset):
     video (3, F, H, W) and image (3, H, W) float in [-1, 1], context (L, text_dim) float32,
     pool_emb (N, D) and pool_frames (N,) (frame 0 and frames >= F left out, as ROLL's pool; if
     that leaves none, all faces after frame 0), caption, clip_id, identity.
-    frames=None reads every frame of the clip; size=None keeps the video's own size."""
+    frames=None reads every frame of the clip; size=None keeps the video's own size.
+    cache=True keeps decoded items in memory (small sets, e.g. the demo: no ffmpeg per step)."""
 
-    def __init__(self, root, split="train", frames=None, size=None):
+    def __init__(self, root, split="train", frames=None, size=None, cache=False):
         folder = os.path.join(root, "clips")
         names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")) if os.path.isdir(folder) else []
         if not names:
@@ -647,6 +648,7 @@ class ClipDataset(torch.utils.data.Dataset):
                                     + (f"the manifest lists {len(manifest)} videos with reasons {why}" if manifest
                                        else "run `python data.py prepare --videos DIR --out ROOT` first"))
         self.root, self.frames, self.size = root, frames, tuple(size) if size is not None else None
+        self.cache = {} if cache else None
         self.records, short = [], []
         for name in names:
             _, meta = read_record(os.path.join(folder, name), keys=())
@@ -664,6 +666,14 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, k):
+        if self.cache is not None and k in self.cache:
+            return self.cache[k]
+        item = self.load(k)
+        if self.cache is not None:
+            self.cache[k] = item
+        return item
+
+    def load(self, k):
         path, meta = self.records[k]
         t, _ = read_record(path, keys=("context", "pool_emb", "pool_frames"))
         source = os.path.normpath(os.path.join(self.root, meta["video"]))
