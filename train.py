@@ -12,8 +12,8 @@ One optimizer step, top to bottom (`ipro_loss`):
   6. loss = -w_r * (R_face - center) / scale + w_kl * KL; Adam.
 `--method sft` is the paper's SFT baseline (flow matching on the clips, optional face loss).
 
-Dtype policy: weights and optimizer state in float32 (LoRA: the frozen base may be bf16 with
---base-dtype); on GPU the DiT runs under bf16 autocast, with the time embedding, modulation
+Dtype policy: trainable weights and optimizer state in float32; frozen weights (the LoRA base,
+A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype; on GPU the DiT runs under bf16 autocast, with the time embedding, modulation
 and head in float32 as the official code keeps them (wan.py); no GradScaler (bf16 needs none).
 The VAE decode and the face model run in float32. CPU runs (tests, the demo) use float32
 throughout: `--dtype fp32`.
@@ -89,7 +89,8 @@ def get_args(argv=None):
     # trainable parts and memory
     p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA: dtype of the frozen base")
+    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the DiT")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing per DiT block")
@@ -218,17 +219,19 @@ def load_models(args, cfg, device):
     experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora, device)
     # They come frozen. A14B: only the low-noise expert (the last) trains; the high-noise steps run
     # without gradient.
+    frozen_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    for dit in experts[:-1]:
+        dit.to(frozen_dtype)
     policy = experts[-1]
     ref = None
     if args.lora_rank > 0:
-        base_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
-        policy.to(base_dtype).requires_grad_(False)
+        policy.to(frozen_dtype)
         wan.add_lora(policy, rank=args.lora_rank, alpha=args.lora_alpha, dtype=torch.float32)
         for n, p in policy.named_parameters():
             p.requires_grad_("lora_" in n)
     else:
         if args.method == "ipro" and args.kl_weight > 0:
-            ref = copy.deepcopy(policy)
+            ref = copy.deepcopy(policy).to(frozen_dtype)
         policy.requires_grad_(True)
     policy.gradient_checkpointing = args.checkpointing
     if args.compile:
@@ -456,9 +459,9 @@ def dry_run(args, cfg, world):
     if args.lora_rank > 0:
         weights = n_models * n_params * base_bytes + n_train * (4 + 4 + 8)   # LoRA: fp32 + grad + Adam
     else:
-        ref = n_params * 2 if args.kl_weight > 0 else 0                     # bf16 frozen reference
-        frozen_experts = (n_models - 1) * n_params * 2
-        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world
+        ref = n_params * base_bytes if args.method == "ipro" and args.kl_weight > 0 else 0
+        frozen_experts = (n_models - 1) * n_params * base_bytes
+        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world   # all sharded by FSDP2
     block_in = L * cfg.dim * 4                                              # fp32 residual stream
     saved = K * cfg.num_layers * block_in * (1 if args.checkpointing else 12)
     if args.offload_activations:
@@ -551,10 +554,13 @@ def main(argv=None):
     if ddp and args.lora_rank > 0:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
     elif ddp:
+        # FSDP2 shards the frozen DiTs too (A14B's high-noise expert, the KL reference): every rank
+        # runs each of their forwards, so they can be gathered block by block like the trained one.
         from torch.distributed.fsdp import fully_shard
-        for block in policy.blocks:
-            fully_shard(block)
-        fully_shard(policy)
+        for model in [*experts] + ([ref] if ref is not None else []):
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
     experts = (*experts[:-1], policy)
     opt = make_optimizer(args, trainable_parameters(policy))
     start, log_pos = 0, 0
