@@ -10,11 +10,14 @@ One optimizer step, top to bottom (`ipro_loss`):
      the reference velocity from the same model with its LoRA off (or a frozen copy when every
      weight trains), weighted by 1 / (2 sigma_t^2) and averaged over the K steps (the authors' code);
   6. loss = -w_r * (R_face - center) / scale + w_kl * KL; Adam.
-`--method sft` is the paper's SFT baseline (flow matching on the clips, optional face loss).
+`--grad-window high` puts the K steps first, at high noise (Table 5). `--method sft` is the
+paper's SFT baseline (flow matching on the clips, optional face loss); the demo also uses it to
+make the tiny preset's base model (full weights), which IPRO then starts from with `--init`.
 
 Dtype policy: trainable weights and optimizer state in float32; frozen weights (the LoRA base,
-A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype; on GPU the DiT runs under bf16 autocast, with the time embedding, modulation
-and head in float32 as the official code keeps them (wan.py); no GradScaler (bf16 needs none).
+A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype; on GPU the DiT
+runs under bf16 autocast, with the time embedding, modulation and head in float32 as the
+official code keeps them (wan.py); no GradScaler (bf16 needs none).
 The VAE decode and the face model run in float32. CPU runs (tests, the demo) use float32
 throughout: `--dtype fp32`.
 
