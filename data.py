@@ -156,7 +156,7 @@ def get_args(argv=None):
     fit.add_argument("--data", required=True)
     fit.add_argument("--out", required=True, help="a .safetensors file (official key layout)")
     fit.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS))
-    fit.add_argument("--seconds", type=float, default=600.0, help="time budget of the fit")
+    fit.add_argument("--steps", type=int, default=4000, help="optimizer steps (batch 8 of 5x32x32 windows)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--threads", type=int, default=0)
     demo = sub.add_parser("demo", help="build the small real-face demo set from bundled photos, then prepare it")
@@ -835,26 +835,26 @@ def fold_latent_stats(vae, videos):
     return m, s
 
 
-def fit_vae(cfg, videos, seconds, seed=0, frames=5, crop=32, batch=8, lr=1e-3, log=print):
+def fit_vae(cfg, videos, steps, seed=0, frames=5, crop=32, batch=8, lr=1e-3, log=print):
     """Fit build_vae(cfg) to (3, F, H, W) clips in [-1, 1] by L1 reconstruction on random
-    5-frame 32x32 windows (a first frame and one causal chunk of 4: both code paths), for a
-    fixed time budget; then fold the latent statistics. Returns the VAE (eval, frozen)."""
-    import time
+    5-frame 32x32 windows (a first frame and one causal chunk of 4: both code paths), with a
+    cosine learning-rate decay; then fold the latent statistics. Returns the VAE (eval, frozen)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = wan.build_vae(cfg)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    t0, it = time.time(), 0
-    while time.time() - t0 < seconds:
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    t0 = time.time()
+    for it in range(1, steps + 1):
         x = random_crops(videos, batch, frames, crop, g)
         rec = vae.decode(vae.encode(x), checkpoint=False)
         loss = (rec - x).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        it += 1
+        sched.step()
         if it % 100 == 0:
-            log(f"vae fit: step {it}, {time.time() - t0:.0f} s, L1 {loss.item():.4f}")
+            log(f"vae fit: step {it}/{steps}, {time.time() - t0:.0f} s, L1 {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     fold_latent_stats(vae, videos)
     return vae
@@ -867,13 +867,13 @@ def fit_vae_command(args):
     ds = ClipDataset(args.data, split="train", frames=cfg.frame_num, size=cfg.size)
     videos = [ds[k]["video"] for k in range(len(ds))]
     print(f"fitting the {cfg.name} VAE ({cfg.vae}, {cfg.vae_kwargs}) on {len(videos)} training clips "
-          f"for {args.seconds:.0f} s", file=sys.stderr)
-    vae = fit_vae(cfg, videos, args.seconds, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+          f"for {args.steps} steps", file=sys.stderr)
+    vae = fit_vae(cfg, videos, args.steps, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
     with torch.no_grad():
         err = [(vae.decode(vae.encode(v[None]), checkpoint=False)[0] - v).square().mean().item() for v in videos]
     psnr = 10 * math.log10(4 / (sum(err) / len(err)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"model": cfg.name, "seconds": str(args.seconds), "psnr_train": f"{psnr:.2f}", "clips": str(len(videos))}
+    meta = {"model": cfg.name, "steps": str(args.steps), "psnr_train": f"{psnr:.2f}", "clips": str(len(videos))}
     tmp = args.out + ".tmp"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp, metadata=meta)
     os.replace(tmp, args.out)

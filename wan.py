@@ -490,7 +490,7 @@ def resolve(src, patterns):
         raise FileNotFoundError(
             f"could not get {list(patterns)} of {src!r}: not a local folder, and the Hugging Face hub "
             f"gave no copy (looked in {HF_HUB_CACHE}; offline={os.environ.get('HF_HUB_OFFLINE', '0')}). "
-            f"Download it first (huggingface-cli download {src}) or pass the local folder. ({type(err).__name__}: {err})"
+            f"Download it first (hf download {src}) or pass the local folder. ({type(err).__name__}: {err})"
         ) from None
 
 
@@ -1552,10 +1552,14 @@ def best_output_size(w, h, dw, dh, area):
     """The official TI2V rule: the (w, h), multiples of (dw, dh), with area <= `area` whose aspect
     ratio is closest to the image's (trying width-first and height-first rounding)."""
     ratio = w / h
-    ow, oh = (area * ratio) ** 0.5, (area / ratio) ** 0.5
+    ow = (area * ratio) ** 0.5
+    oh = area / ow  # as official: where the exact value is a multiple of dh this lands just below it
     ow1 = int(ow // dw * dw)
-    oh1 = int(area / ow1 // dh * dh)
     oh2 = int(oh // dh * dh)
+    if ow1 == 0 or oh2 == 0:
+        raise ValueError(f"image of {w}x{h} pixels: its aspect ratio is too extreme for an area of {area} "
+                         f"pixels in steps of {dw}x{dh}")
+    oh1 = int(area / ow1 // dh * dh)
     ow2 = int(area / oh2 // dw * dw)
     err1 = max(ratio / (ow1 / oh1), (ow1 / oh1) / ratio)
     err2 = max(ratio / (ow2 / oh2), (ow2 / oh2) / ratio)
@@ -1563,11 +1567,13 @@ def best_output_size(w, h, dw, dh, area):
 
 
 def load_image(path):
-    """An RGB PIL image; grayscale, RGBA (composited on white) and 16-bit files are converted."""
-    from PIL import Image
+    """An RGB PIL image as a viewer shows it: EXIF orientation applied (phone photos; the official
+    code ignores it and gets them sideways), grayscale, RGBA (composited on white) and 16-bit converted."""
+    from PIL import Image, ImageOps
     try:
         img = Image.open(path)
         img.load()
+        img = ImageOps.exif_transpose(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except Exception as err:
@@ -1576,10 +1582,10 @@ def load_image(path):
         img = img.convert("RGBA")
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(canvas, img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I"):  # 16-bit gray (I;16, I;16B, ...; older Pillow: I): 0-65535 -> 0-255
         import numpy as np
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
+        a = np.asarray(img, dtype=np.float64) / 257
+        img = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 
@@ -1603,6 +1609,9 @@ def prepare_image(img, cfg, size):
     aspect = ih / iw
     oh = round(math.sqrt(area * aspect) // dh * dh)
     ow = round(math.sqrt(area / aspect) // dw * dw)
+    if oh == 0 or ow == 0:
+        raise ValueError(f"image of {iw}x{ih} pixels: its aspect ratio is too extreme for an area of {area} "
+                         f"pixels in steps of {dw}x{dh}")
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
     return F.interpolate(x[None], size=(oh, ow), mode="bicubic")[0]
 
