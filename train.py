@@ -32,7 +32,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -474,7 +473,8 @@ def dry_run(args, cfg, world):
     total = weights + saved + one_block + vae + 2e9                          # + decode chunk, face model, buffers
     gb = 2**30
     tflops = 0.4 * 989e12                                                   # assumption: 40% of H100 bf16 dense
-    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}")
+    trained = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
+    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {trained}")
     rows = [
         ("parameters per DiT", f"{n_params:,}" + (f" x {n_models} experts" if n_models > 1 else "")),
         ("trainable parameters", f"{n_train:,}"),
@@ -487,7 +487,8 @@ def dry_run(args, cfg, world):
                                       f"saved activations {saved / gb:,.1f} + one block {one_block / gb:,.1f} "
                                       f"+ VAE {vae / gb:,.1f} + ~2 GB decode/face/buffers"),
         ("time per optimizer step (estimate)", f"{per_step / (world * tflops):,.0f} s at 40% of an H100's "
-                                               f"989 TFLOP/s bf16 on each of {world} GPUs (VAE and face model not counted)"),
+                                               f"989 TFLOP/s bf16 on each of {world} GPUs "
+                                               f"(VAE and face model not counted)"),
     ]
     for k, v in rows:
         print(f"  {k:<38} {v}")

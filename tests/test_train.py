@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from statistics import fmean
 
 import pytest
 import torch
 
 import data
+import reward
 import train
 import wan
 
@@ -27,7 +29,7 @@ VAE = os.path.join(ROOT, "assets", "tiny_vae.safetensors")
 CFG = wan.get_config("tiny")
 CLIPS = ("impostor_1_c0", "person_a_2_c0")      # the fixed batch of the IPRO runs (faces survive the VAE)
 CPU = torch.device("cpu")
-# What every run here shares: CPU, float32, one thread, the demo VAE, small LoRA.
+# What every run here shares: CPU, float32, one thread, the demo VAE.
 COMMON = ["--dtype", "fp32", "--device", "cpu", "--threads", "1", "--vae", VAE]
 # IPRO: LoRA rank 8, the fixed batch of both clips every step; lr far above the paper's 2e-5, so that a
 # handful of steps shows the effect.
@@ -99,7 +101,8 @@ def clips(demo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(clips, tmp_path_factory):
     """The tiny DiT after SFT (full weights, official key names) on the two clips, from random
-    weights: its samples show faces in most frames (measured: 73%), not yet much like the person's."""
+    weights: its samples show faces in most frames (measured here: 73%), not yet much like the
+    person's (R_face about 0.2; the clips themselves score 0.9, their VAE reconstructions 0.35)."""
     out = tmp_path_factory.mktemp("sft")
     train.main(["--method", "sft", "--data", clips, "--out", str(out), *COMMON, "--lora-rank", "0",
                 "--batch", "2", "--lr", "2e-3", "--warmup", "10", "--steps", "300", "--save-every", "0"])
@@ -109,14 +112,14 @@ def base(clips, tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge(clips):
     """The demo VAE, the reward's face models and the two clips as batches of one."""
-    import reward
     ds = data.ClipDataset(clips, "train", frames=CFG.frame_num, size=CFG.size)
     return wan.load_vae(CFG, VAE), reward.load_face_models(), [data.collate([ds[k]]) for k in range(len(ds))]
 
 
 def sample(experts, vae, batch, seed):
     """The training sampler (8 Euler steps, shift 5, no CFG) from a fixed noise: a latent video."""
-    noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size), generator=g)
     with torch.no_grad():
         return wan.generate(experts, CFG, noise, batch["context"], steps=8, shift=5.0, guidance=1.0, solver="euler",
                             **wan.condition(CFG, vae, batch["image"], CFG.frame_num))
@@ -130,7 +133,8 @@ def face_rewards(experts, judge):
     for batch in batches:
         for seed in SEEDS:
             with torch.no_grad():
-                out.append(train.face_score(faces, vae.decode(sample(experts, vae, batch, seed)), batch, args)[0].item())
+                video = vae.decode(sample(experts, vae, batch, seed))
+            out.append(train.face_score(faces, video, batch, args)[0].item())
     return out
 
 
@@ -152,6 +156,11 @@ def weights(path):
 def max_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def l2(sd):
+    """The norm of a state dict taken as one vector."""
+    return sum(v.double().square().sum() for v in sd.values()).sqrt().item()
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +290,6 @@ def test_gradients_come_only_from_the_window(judge, base, window, window_calls):
         hook.remove()
         for p in lora:
             p.requires_grad_(True)
-            p.grad = None
         assert len(calls) == 12 and stats["graph_calls"] == 4 and stats["n_face"] == 1
         if not loss.requires_grad:             # no graph at all: every windowed call left the LoRA out
             return torch.zeros(sum(p.numel() for p in lora))
@@ -307,13 +315,14 @@ def test_reward_rises_and_the_kl_stays_bounded(ipro_runs, base, judge):
     after = {kl: face_rewards(wan.load_experts(CFG, None, base, [str(r["out"] / "lora.safetensors")]), judge)
              for kl, r in ipro_runs.items()}
     kl = {w: [r["kl"] for r in run["log"]] for w, run in ipro_runs.items()}
-    mean = lambda x: sum(x) / len(x)           # noqa: E731
-    print(f"\nR_face over {len(before)} fixed pairs: base {mean(before):.3f}, after {IPRO_STEPS} steps "
-          f"{mean(after['1']):.3f} (KL weight 1), {mean(after['0']):.3f} (KL weight 0)")
-    print(f"KL per step, weight 1: {[round(k, 4) for k in kl['1']]}\nKL per step, weight 0: {[round(k, 4) for k in kl['0']]}")
+    better = sum(a > b for a, b in zip(after["1"], before))
+    print(f"\nR_face over {len(before)} fixed pairs: base {fmean(before):.3f}, after {IPRO_STEPS} steps "
+          f"{fmean(after['1']):.3f} (KL weight 1; {better} pairs up), {fmean(after['0']):.3f} (KL weight 0)")
+    for w in ("1", "0"):
+        print(f"KL per step, weight {w}: {[round(k, 4) for k in kl[w]]}")
     print(f"seconds per run: {ipro_runs['1']['seconds']:.0f}, {ipro_runs['0']['seconds']:.0f}")
-    assert mean(after["1"]) > mean(before) + 0.02
-    assert sum(a > b for a, b in zip(after["1"], before)) >= 0.75 * len(before)
+    assert fmean(after["1"]) > fmean(before) + 0.02
+    assert better >= 0.75 * len(before)
     assert kl["1"][0] == kl["0"][0] == 0.0
     assert max(kl["1"]) < 0.05 and max(kl["0"][-3:]) > 3 * max(kl["1"])
 
@@ -369,9 +378,10 @@ def torchrun(out, *argv):
 
 @pytest.mark.parametrize("rank,file", [("8", "lora.safetensors"), ("0", "model.safetensors")])
 def test_torchrun_two_processes_equal_one(clips, base, tmp_path, rank, file):
-    """LoRA -> DDP, full fine-tuning -> FSDP2 (gloo on CPU): the same update for the same global batch."""
+    """LoRA -> DDP, full fine-tuning -> FSDP2 (gloo on CPU): the same update for the same global batch,
+    and the same sample video (every rank takes part in the sharded forward, rank 0 writes)."""
     argv = ["--data", clips, "--init", base, *COMMON, "--lora-rank", rank, "--batch", "2", "--lr", "1e-3",
-            "--steps", "2", "--save-every", "0"]
+            "--steps", "2", "--save-every", "0", "--sample-every", "2"]
     two = torchrun(tmp_path / "two", *argv)
     one = run(tmp_path / "one", *argv)
     # Adam is blind to the gradient's scale, the log is not: a sum where a mean belongs shows in grad_norm.
@@ -384,18 +394,20 @@ def test_torchrun_two_processes_equal_one(clips, base, tmp_path, rank, file):
         {k: v for k, v in trained.items() if "lora_up" in k}
     two_sd = weights(tmp_path / "two" / file)
     diff = {k: two_sd[k] - trained[k] for k in moved}
-    norm = lambda sd: sum(v.double().square().sum() for v in sd.values()).sqrt().item()   # noqa: E731
-    print(f"\n{file}: |two processes - one| = {norm(diff):.3g} = {norm(diff) / norm(moved):.2g} of the update "
+    print(f"\n{file}: |two processes - one| = {l2(diff):.3g} = {l2(diff) / l2(moved):.2g} of the update "
           f"(largest element {max(v.abs().max().item() for v in diff.values()):.3g})")
     # Not bitwise under FSDP2: its reduce-scatter sums in another order than gradient accumulation,
     # and Adam's first steps divide by |g|, so elements whose gradient is rounding noise move by a
     # good part of lr. Measured: DDP 0 (bitwise), FSDP2 3e-4 of the update's norm.
-    assert norm(diff) < 1e-3 * norm(moved)
+    assert l2(diff) < 1e-3 * l2(moved)
+    videos = [wan.read_video(str(tmp_path / run_dir / "samples" / "step_000002.mp4")) for run_dir in ("two", "one")]
+    assert videos[0].shape == (CFG.frame_num, *CFG.size, 3)
+    assert abs(videos[0].astype(float) - videos[1]).mean() < 1.0       # 0-255 levels, after H.264
 
 
 def test_saved_lora_loads_back(ipro_runs, base, judge):
     """The LoRA file through wan.py's loaders reproduces the trained policy: load_lora_into on a
-    fresh adapter and merge_lora (via load_experts, as sample.py and eval.py load it)."""
+    fresh adapter (bitwise), and merge_lora via load_experts, as a LoRA or as the checkpoint."""
     path = ipro_runs["1"]["out"] / "lora.safetensors"
     lora = weights(path)
     assert all(k.startswith("diffusion_model.blocks.") for k in lora)
@@ -403,13 +415,15 @@ def test_saved_lora_loads_back(ipro_runs, base, judge):
     trained = ipro_runs["1"]["policy"]
     _, (adapted, *_) = models(base, "--lora-rank", "8")
     wan.load_lora_into(adapted[-1], lora)
-    merged = wan.load_experts(CFG, None, base, [str(path)])
+    merged = wan.load_experts(CFG, None, base, [str(path)])      # sample.py --ckpt BASE --lora LORA
+    as_ckpt = wan.load_experts(CFG, base, str(path))              # eval.py --weights BASE --ckpt LORA
     plain = wan.load_experts(CFG, None, base)
     vae, _, batches = judge
-    a, b, c, d = (sample(m, vae, batches[0], 0) for m in ([trained], adapted, merged, plain))
+    a, b, c, d, e = (sample(m, vae, batches[0], 0) for m in ([trained], adapted, merged, as_ckpt, plain))
     assert torch.equal(b, a)
     torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
-    assert (a - d).abs().max() > 1e-2, "the LoRA should change the samples"
+    assert torch.equal(d, c)
+    assert (a - e).abs().max() > 1e-2, "the LoRA should change the samples"
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +476,7 @@ def test_resume_from_another_model_or_rank(clips, base, tmp_path, monkeypatch):
         "--steps", "1")
     monkeypatch.setattr(train, "load_models", lambda *_: pytest.fail("models were loaded"))
     msg = fails("--data", clips, "--method", "sft", "--out", str(out), "--resume", "--lora-rank", "4")
-    assert "lora_rank=8" in msg and "4" in msg
+    assert "lora_rank=8" in msg and "this run has 4" in msg
     state = torch.load(out / "resume.pt", weights_only=True)
     torch.save({**state, "model": "5b"}, out / "resume.pt")
     assert "model='5b'" in fails("--data", clips, "--method", "sft", "--out", str(out), "--resume")
@@ -486,30 +500,29 @@ def test_sigterm_saves_and_resume_continues(clips, base, tmp_path):
     # SFT steps (a LoRA on the base) are the cheapest; the signal handling is the same for both methods.
     argv = ["--data", clips, "--method", "sft", "--init", base, *IPRO]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", "--out", str(tmp_path), *argv, "--steps", "1000"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "train.jsonl"
+    with open(tmp_path / "stderr.txt", "w") as err:     # a file, not a pipe: tqdm must never block on it
+        proc = subprocess.Popen([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, "--steps", "1000"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    log = tmp_path / "run" / "train.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 1) and proc.poll() is None:
         assert time.time() < deadline, "no step logged in 120 s"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    steps = len(read_log(tmp_path))
+    assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    steps = len(read_log(tmp_path / "run"))
     assert 1 <= steps < 1000
-    assert torch.load(tmp_path / "resume.pt", weights_only=True)["step"] == steps
-    resumed = run(tmp_path, *argv, "--steps", str(steps + 1), "--resume")
+    assert torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["step"] == steps
+    resumed = run(tmp_path / "run", *argv, "--steps", str(steps + 1), "--resume")
     assert [r["step"] for r in resumed] == list(range(1, steps + 2))
 
 
 def test_non_finite_loss_skips_and_stops(clips, base, tmp_path, monkeypatch):
     real, saved = train.ipro_loss, {}
 
-    def poisoned(args, *rest):
-        loss, stats = real(args, *rest)
-        step = rest[-3]
-        return (loss * float("nan") if step >= 2 else loss), stats
+    def poisoned(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
+        loss, stats = real(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device)
+        return (loss * float("nan") if step >= 2 else loss), stats      # steps 3 and 4 (0-based 2, 3)
 
     def save(args, cfg, policy, opt, step, *rest):
         real_save(args, cfg, policy, opt, step, *rest)
