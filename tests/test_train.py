@@ -1,0 +1,544 @@
+"""train.py on the real-face demo clips (issue #7): a fresh LoRA has KL 0, gradients come from the
+K windowed steps only, a handful of IPRO steps raise R_face with the KL bounded (and unbounded
+without it), resume and torchrun reproduce a straight single-process run, a saved LoRA loads back
+through wan.py, --dry-run prints the official sizes, bad inputs stop before any compute, SIGTERM
+saves, and non-finite steps are skipped.
+
+The base model is made here, as the demo makes it: the tiny DiT fine-tuned by `--method sft`
+(full weights) on two demo clips with the fitted demo VAE, so its samples show faces."""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from statistics import fmean
+
+import pytest
+import torch
+
+import data
+import reward
+import train
+import wan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VAE = os.path.join(ROOT, "assets", "tiny_vae.safetensors")
+CFG = wan.get_config("tiny")
+CLIPS = ("impostor_1_c0", "person_a_2_c0")      # the fixed batch of the IPRO runs (faces survive the VAE)
+CPU = torch.device("cpu")
+# What every run here shares: CPU, float32, one thread, the demo VAE.
+COMMON = ["--dtype", "fp32", "--device", "cpu", "--threads", "1", "--vae", VAE]
+# IPRO: LoRA rank 8, the fixed batch of both clips every step; lr far above the paper's 2e-5, so that a
+# handful of steps shows the effect.
+IPRO = [*COMMON, "--lora-rank", "8", "--batch", "2", "--lr", "1e-2", "--save-every", "0"]
+IPRO_STEPS = 6
+SEEDS = range(1000, 1004)                      # fixed noises of the before/after comparison
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors on 2 shared cores: OpenMP workers waiting for each other cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def decode_once():
+    """ClipDataset decodes its mp4 through an ffmpeg subprocess for every item (~90 ms for a 9-frame
+    clip here, two thirds of an SFT step). Its items are deterministic: decode each clip once."""
+    getitem, cache = data.ClipDataset.__getitem__, {}
+
+    def cached(self, k):
+        key = (self.records[k][0], self.frames, self.size)
+        if key not in cache:
+            cache[key] = getitem(self, k)
+        return cache[key]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(data.ClipDataset, "__getitem__", cached)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def keep_sigterm():
+    # train.main installs a SIGTERM handler; the test process keeps its own.
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The real-face demo set, one clip per photo (10 train, 4 eval)."""
+    if not os.path.isfile(VAE):
+        pytest.fail(f"{VAE} is missing: the demo's fitted VAE (python data.py fit-vae) is part of the repository")
+    out = tmp_path_factory.mktemp("demo")
+    data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1"]))
+    return out
+
+
+def subset(demo, clip_ids, out):
+    """A data folder holding only these clips (records and their videos)."""
+    for sub in ("clips", "videos"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    for c in clip_ids:
+        shutil.copy(os.path.join(demo, "clips", c + ".safetensors"), os.path.join(out, "clips"))
+        shutil.copy(os.path.join(demo, "videos", c + ".mp4"), os.path.join(out, "videos"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def clips(demo, tmp_path_factory):
+    return subset(demo, CLIPS, tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture(scope="module")
+def base(clips, tmp_path_factory):
+    """The tiny DiT after SFT (full weights, official key names) on the two clips, from random
+    weights: its samples show faces in most frames (measured here: 73%), not yet much like the
+    person's (R_face about 0.2; the clips themselves score 0.9, their VAE reconstructions 0.35)."""
+    out = tmp_path_factory.mktemp("sft")
+    train.main(["--method", "sft", "--data", clips, "--out", str(out), *COMMON, "--lora-rank", "0",
+                "--batch", "2", "--lr", "2e-3", "--warmup", "10", "--steps", "300", "--save-every", "0"])
+    return str(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def judge(clips):
+    """The demo VAE, the reward's face models and the two clips as batches of one."""
+    ds = data.ClipDataset(clips, "train", frames=CFG.frame_num, size=CFG.size)
+    return wan.load_vae(CFG, VAE), reward.load_face_models(), [data.collate([ds[k]]) for k in range(len(ds))]
+
+
+def sample(experts, vae, batch, seed):
+    """The training sampler (8 Euler steps, shift 5, no CFG) from a fixed noise: a latent video."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size), generator=g)
+    with torch.no_grad():
+        return wan.generate(experts, CFG, noise, batch["context"], steps=8, shift=5.0, guidance=1.0, solver="euler",
+                            **wan.condition(CFG, vae, batch["image"], CFG.frame_num))
+
+
+def face_rewards(experts, judge):
+    """R_face of each (clip, fixed noise) pair, as train.py scores it."""
+    vae, faces, batches = judge
+    args = train.get_args([])
+    out = []
+    for batch in batches:
+        for seed in SEEDS:
+            with torch.no_grad():
+                video = vae.decode(sample(experts, vae, batch, seed))
+            out.append(train.face_score(faces, video, batch, args)[0].item())
+    return out
+
+
+def run(out, *argv):
+    """train.main in this process; returns the JSONL records."""
+    train.main(["--out", str(out), *argv])
+    return read_log(out)
+
+
+def read_log(out):
+    with open(os.path.join(out, "train.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def weights(path):
+    return wan.read_state_dict(str(path))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def l2(sd):
+    """The norm of a state dict taken as one vector."""
+    return sum(v.double().square().sum() for v in sd.values()).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def ipro_runs(clips, base, tmp_path_factory):
+    """IPRO from the SFT base on the fixed batch of two clips, with and without the KL term."""
+    runs, load = {}, train.load_models
+
+    def keep(*args):                            # the trained policy, to compare the saved LoRA with
+        models = load(*args)
+        runs[kl]["policy"] = models[0][-1]
+        return models
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train, "load_models", keep)
+    for kl in ("1", "0"):
+        out = tmp_path_factory.mktemp(f"ipro_kl{kl}")
+        runs[kl] = dict(out=out, seconds=time.time())
+        runs[kl]["log"] = run(out, "--data", clips, "--init", base, *IPRO, "--steps", str(IPRO_STEPS),
+                              "--kl-weight", kl)
+        runs[kl]["seconds"] = time.time() - runs[kl]["seconds"]
+    patch.undo()
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# The CLI
+
+
+def test_paper_defaults_are_the_argparse_defaults():
+    a = train.get_args([])
+    assert (a.lr, a.steps, a.batch, a.grad_steps, a.sample_steps) == (2e-5, 100, 64, 4, 8)
+    assert (a.reward_weight, a.kl_weight, a.shift, a.guidance, a.solver) == (0.1, 1.0, 5.0, 1.0, "euler")
+    assert (a.grad_window, a.method, a.lora_rank) == ("low", "ipro", 32)
+    assert train.get_args(["--grad-window", "high"]).grad_window == "high"
+
+
+def dry_run(capsys, model):
+    t0 = time.time()
+    train.main(["--dry-run", "--model", model])
+    seconds = time.time() - t0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        key, _, value = line.strip().partition("  ")
+        rows[key] = value.strip()
+    return rows, seconds
+
+
+def number(text):
+    return float(text.split()[0].replace(",", ""))
+
+
+@pytest.mark.parametrize("model,params,experts,trainable,clip,tokens", [
+    # TI2V-5B: 121 frames 704x1280 -> 31 x 44 x 80 latents, 2x2 patches -> 31 * 22 * 40 tokens.
+    ("5b", 4_999_787_712, 1, 80_609_280, "121 frames, 704x1280", 27_280),
+    # I2V-A14B: 81 frames 480x832 -> 21 x 60 x 104 latents -> 21 * 30 * 52 tokens.
+    ("a14b", 14_288_901_184, 2, 153_354_240, "81 frames, 480x832", 32_760),
+])
+def test_dry_run_prints_the_official_sizes(capsys, model, params, experts, trainable, clip, tokens):
+    rows, seconds = dry_run(capsys, model)
+    assert seconds < 30
+    assert rows["parameters per DiT"] == f"{params:,}" + (f" x {experts} experts" if experts > 1 else "")
+    assert rows["clip"] == clip
+    assert number(rows["tokens per sample"]) == tokens
+    # LoRA rank 32 on q, k, v, o of both attentions and the two FFN layers of every block.
+    cfg = wan.get_config(model)
+    per_block = 32 * (8 * 2 * cfg.dim + 2 * (cfg.dim + cfg.ffn_dim))
+    assert number(rows["trainable parameters"]) == trainable == per_block * cfg.num_layers
+    # A forward is 2 FLOPs per weight and token, plus self-attention's two L x L products; the
+    # cross-attention's key/value projections see the 512 text rows, not the L video tokens.
+    cross_kv = 2 * cfg.dim * cfg.dim * cfg.num_layers
+    estimate = 2 * (params - cross_kv) * tokens + 4 * tokens**2 * cfg.dim * cfg.num_layers
+    assert number(rows["DiT forward per sample"]) * 1e12 == pytest.approx(estimate, rel=0.02)
+    # 8 sampler calls, 4 of them backpropagated (2x) and recomputed (1x), 4 reference calls.
+    assert number(rows["DiT forward-equivalents per sample"]) == 8 + 4 * 3 + 4
+
+
+# -----------------------------------------------------------------------------
+# One IPRO step: KL at a fresh LoRA, the gradient window
+
+
+def models(base, *argv):
+    args = train.get_args(["--init", base, *COMMON, *argv])
+    return args, train.load_models(args, CFG, CPU)
+
+
+@pytest.mark.parametrize("rank", ["8", "0"])
+def test_fresh_model_has_kl_exactly_zero(judge, base, rank):
+    """A fresh LoRA (up = 0) and the full fine-tuning's reference copy: v_theta == v_ref bitwise."""
+    args, (experts, ref, vae, faces) = models(base, "--lora-rank", rank)
+    batch = judge[2][0]
+    loss, stats = train.ipro_loss(args, CFG, experts, experts[-1], ref, vae, faces, batch, 0, [0], CPU)
+    assert stats["kl"] == 0.0 and stats["kl_steps"] == [0.0] * args.grad_steps
+    assert stats["n_face"] == 1, "the SFT base should generate a face"
+    noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size))
+    _, trace = wan.generate(experts, CFG, noise, batch["context"], steps=8, shift=5.0, guidance=1.0, solver="euler",
+                            grad_last_k=4, return_trace=True, **wan.condition(CFG, vae, batch["image"], CFG.frame_num))
+    assert len(trace.steps) == 4
+    for s in trace.steps:
+        with torch.no_grad(), (wan.lora_disabled(experts[-1]) if ref is None else contextlib.nullcontext()):
+            v_ref = (experts[-1] if ref is None else ref)(s["x_t"], s["t"], batch["context"])
+        assert torch.equal(s["v"], v_ref)
+        assert s["v"].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("window,window_calls", [("low", {4, 5, 6, 7}), ("high", {0, 1, 2, 3})])
+def test_gradients_come_only_from_the_window(judge, base, window, window_calls):
+    """LoRA gradients of one IPRO loss are unchanged when the LoRA weights are left out of the graph
+    in the sampler's DiT calls outside the window, and vanish when they are left out inside it."""
+    args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", "--grad-window", window)
+    policy = experts[-1]
+    lora = [p for p in policy.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    with torch.no_grad():                      # a trained-looking adapter, so that the KL has a gradient too
+        for p in lora:
+            p.add_(torch.randn_like(p) * 0.01)
+
+    def gradient(frozen_calls):
+        calls = []
+
+        def leave_out(module, inputs):         # calls 0-7: the sampler; 8-11: the KL's reference
+            for p in lora:
+                p.requires_grad_(len(calls) not in frozen_calls)
+            calls.append(len(calls))
+
+        hook = policy.register_forward_pre_hook(leave_out)
+        loss, stats = train.ipro_loss(args, CFG, experts, policy, ref, vae, faces, judge[2][0], 0, [0], CPU)
+        hook.remove()
+        for p in lora:
+            p.requires_grad_(True)
+        assert len(calls) == 12 and stats["graph_calls"] == 4 and stats["n_face"] == 1
+        if not loss.requires_grad:             # no graph at all: every windowed call left the LoRA out
+            return torch.zeros(sum(p.numel() for p in lora))
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lora, allow_unused=True,
+                                                                   materialize_grads=True)])
+
+    everything = gradient(set())
+    outside = gradient(set(range(8)) - window_calls)
+    inside = gradient(window_calls)
+    assert everything.abs().max() > 0
+    torch.testing.assert_close(outside, everything, rtol=1e-5, atol=1e-9)
+    assert inside.abs().max() == 0
+
+
+# -----------------------------------------------------------------------------
+# A handful of steps on a fixed batch (Fig. 3 in small)
+
+
+def test_reward_rises_and_the_kl_stays_bounded(ipro_runs, base, judge):
+    """R_face on fixed (clip, noise) pairs before and after 6 IPRO steps, and the logged KL with
+    and without its weight. The logged rewards use fresh noise every step: too noisy to compare."""
+    before = face_rewards(wan.load_experts(CFG, None, base), judge)
+    after = {kl: face_rewards(wan.load_experts(CFG, None, base, [str(r["out"] / "lora.safetensors")]), judge)
+             for kl, r in ipro_runs.items()}
+    kl = {w: [r["kl"] for r in run["log"]] for w, run in ipro_runs.items()}
+    better = sum(a > b for a, b in zip(after["1"], before))
+    print(f"\nR_face over {len(before)} fixed pairs: base {fmean(before):.3f}, after {IPRO_STEPS} steps "
+          f"{fmean(after['1']):.3f} (KL weight 1; {better} pairs up), {fmean(after['0']):.3f} (KL weight 0)")
+    for w in ("1", "0"):
+        print(f"KL per step, weight {w}: {[round(k, 4) for k in kl[w]]}")
+    print(f"seconds per run: {ipro_runs['1']['seconds']:.0f}, {ipro_runs['0']['seconds']:.0f}")
+    assert fmean(after["1"]) > fmean(before) + 0.02
+    assert better >= 0.75 * len(before)
+    assert kl["1"][0] == kl["0"][0] == 0.0
+    assert max(kl["1"]) < 0.05 and max(kl["0"][-3:]) > 3 * max(kl["1"])
+
+
+def test_log_lines_have_the_fields(ipro_runs):
+    log = ipro_runs["1"]["log"]
+    assert [r["step"] for r in log] == list(range(1, IPRO_STEPS + 1))
+    for r in log:
+        for key in ("reward", "kl", "loss", "grad_norm", "lr", "face_frac", "step_time", "peak_mem"):
+            assert isinstance(r[key], float), key
+        assert len(r["kl_steps"]) == 4 and r["skipped"] is False
+        # loss = -w_r * R_face + w_kl * KL with center 0, scale 1.
+        assert r["loss"] == pytest.approx(-0.1 * r["reward"] + r["kl"], abs=1e-6)
+        assert r["kl"] == pytest.approx(sum(r["kl_steps"]) / 4, abs=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# Resume, torchrun, LoRA files
+
+
+def test_resume_gives_the_straight_run(ipro_runs, clips, base, tmp_path):
+    straight = ipro_runs["1"]
+    half = IPRO_STEPS // 2
+    argv = ["--data", clips, "--init", base, *IPRO, "--kl-weight", "1"]
+    first = run(tmp_path, *argv, "--steps", str(half))
+    resumed = run(tmp_path, *argv, "--steps", str(IPRO_STEPS), "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, IPRO_STEPS + 1)) and resumed[:half] == first
+    for a, b in zip(resumed, straight["log"]):
+        assert a["loss"] == b["loss"] and a["reward"] == b["reward"] and a["kl_steps"] == b["kl_steps"]
+    diff = max_diff(weights(tmp_path / "lora.safetensors"), weights(straight["out"] / "lora.safetensors"))
+    print(f"\nresume vs straight: max |weight diff| {diff:.3g}")
+    assert diff == 0
+
+
+def test_resume_full_fine_tuning(clips, tmp_path):
+    argv = ["--data", clips, "--method", "sft", *COMMON, "--lora-rank", "0", "--batch", "2", "--lr", "1e-3",
+            "--save-every", "0"]
+    straight = run(tmp_path / "a", *argv, "--steps", "6")
+    run(tmp_path / "b", *argv, "--steps", "3")
+    resumed = run(tmp_path / "b", *argv, "--steps", "6", "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert max_diff(weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors")) == 0
+
+
+def torchrun(out, *argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "train.py",
+           "--out", str(out), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_log(out)
+
+
+@pytest.mark.parametrize("rank,file", [("8", "lora.safetensors"), ("0", "model.safetensors")])
+def test_torchrun_two_processes_equal_one(clips, base, tmp_path, rank, file):
+    """LoRA -> DDP, full fine-tuning -> FSDP2 (gloo on CPU): the same update for the same global batch,
+    and the same sample video (every rank takes part in the sharded forward, rank 0 writes)."""
+    argv = ["--data", clips, "--init", base, *COMMON, "--lora-rank", rank, "--batch", "2", "--lr", "1e-3",
+            "--steps", "2", "--save-every", "0", "--sample-every", "2"]
+    two = torchrun(tmp_path / "two", *argv)
+    one = run(tmp_path / "one", *argv)
+    # Adam is blind to the gradient's scale, the log is not: a sum where a mean belongs shows in grad_norm.
+    for a, b in zip(two, one, strict=True):
+        for key in ("loss", "grad_norm", "reward", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    trained, start = weights(tmp_path / "one" / file), weights(base)
+    # The update: full weights moved from the base; LoRA up-projections from zero.
+    moved = {k: v - start[k] for k, v in trained.items()} if rank == "0" else \
+        {k: v for k, v in trained.items() if "lora_up" in k}
+    two_sd = weights(tmp_path / "two" / file)
+    diff = {k: two_sd[k] - trained[k] for k in moved}
+    print(f"\n{file}: |two processes - one| = {l2(diff):.3g} = {l2(diff) / l2(moved):.2g} of the update "
+          f"(largest element {max(v.abs().max().item() for v in diff.values()):.3g})")
+    # Not bitwise under FSDP2: its reduce-scatter sums in another order than gradient accumulation,
+    # and Adam's first steps divide by |g|, so elements whose gradient is rounding noise move by a
+    # good part of lr. Measured: DDP 0 (bitwise), FSDP2 3e-4 of the update's norm.
+    assert l2(diff) < 1e-3 * l2(moved)
+    videos = [wan.read_video(str(tmp_path / run_dir / "samples" / "step_000002.mp4")) for run_dir in ("two", "one")]
+    assert videos[0].shape == (CFG.frame_num, *CFG.size, 3)
+    assert abs(videos[0].astype(float) - videos[1]).mean() < 1.0       # 0-255 levels, after H.264
+
+
+def test_saved_lora_loads_back(ipro_runs, base, judge):
+    """The LoRA file through wan.py's loaders reproduces the trained policy: load_lora_into on a
+    fresh adapter (bitwise), and merge_lora via load_experts, as a LoRA or as the checkpoint."""
+    path = ipro_runs["1"]["out"] / "lora.safetensors"
+    lora = weights(path)
+    assert all(k.startswith("diffusion_model.blocks.") for k in lora)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k), "the LoRA never trained"
+    trained = ipro_runs["1"]["policy"]
+    _, (adapted, *_) = models(base, "--lora-rank", "8")
+    wan.load_lora_into(adapted[-1], lora)
+    merged = wan.load_experts(CFG, None, base, [str(path)])      # sample.py --ckpt BASE --lora LORA
+    as_ckpt = wan.load_experts(CFG, base, str(path))              # eval.py --weights BASE --ckpt LORA
+    plain = wan.load_experts(CFG, None, base)
+    vae, _, batches = judge
+    a, b, c, d, e = (sample(m, vae, batches[0], 0) for m in ([trained], adapted, merged, as_ckpt, plain))
+    assert torch.equal(b, a)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(d, c)
+    assert (a - e).abs().max() > 1e-2, "the LoRA should change the samples"
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one sentence, before any weight is loaded
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    def refuse(*_, **__):
+        raise AssertionError("models were loaded before the inputs were checked")
+    monkeypatch.setattr(train, "load_models", refuse)
+
+
+def rewrite(path, tensors=None, **meta):
+    t, m = data.read_record(path)
+    data.write_record(path, {**t, **(tensors or {})}, {**m, **meta})
+
+
+def fails(*argv):
+    with pytest.raises(SystemExit) as err:
+        train.main(["--lora-rank", "8", *COMMON, *argv])
+    return str(err.value.code)
+
+
+def test_empty_dataset(tmp_path, no_compute):
+    os.makedirs(tmp_path / "empty")
+    assert "no clip records" in fails("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert "--data is required" in fails("--out", str(tmp_path / "out"))
+
+
+def test_clip_without_pool(demo, tmp_path, no_compute):
+    d = subset(demo, CLIPS, tmp_path / "data")
+    path = os.path.join(d, "clips", CLIPS[1] + ".safetensors")
+    t, _ = data.read_record(path)
+    rewrite(path, dict(pool_emb=t["pool_emb"][:1], pool_frames=torch.zeros(1, dtype=torch.long)))
+    msg = fails("--data", d, "--out", str(tmp_path / "out"))
+    assert CLIPS[1] in msg and "no face after frame 0" in msg
+
+
+def test_data_prepared_for_another_preset(demo, tmp_path, no_compute):
+    d = subset(demo, CLIPS, tmp_path / "data")
+    rewrite(os.path.join(d, "clips", CLIPS[0] + ".safetensors"), model="5b")
+    msg = fails("--data", d, "--out", str(tmp_path / "out"))
+    assert "--model 5b" in msg and "prepare --model tiny" in msg
+
+
+def test_resume_from_another_model_or_rank(clips, base, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(out, "--data", clips, "--method", "sft", "--init", base, *COMMON, "--lora-rank", "8", "--batch", "2",
+        "--steps", "1")
+    monkeypatch.setattr(train, "load_models", lambda *_: pytest.fail("models were loaded"))
+    msg = fails("--data", clips, "--method", "sft", "--out", str(out), "--resume", "--lora-rank", "4")
+    assert "lora_rank=8" in msg and "this run has 4" in msg
+    state = torch.load(out / "resume.pt", weights_only=True)
+    torch.save({**state, "model": "5b"}, out / "resume.pt")
+    assert "model='5b'" in fails("--data", clips, "--method", "sft", "--out", str(out), "--resume")
+    assert "no " in fails("--data", clips, "--out", str(tmp_path / "fresh"), "--resume")
+
+
+def test_checkpoint_folder_not_writable(clips, tmp_path, no_compute):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert "not a writable folder" in fails("--data", clips, "--out", str(tmp_path / "file" / "run"))
+    if os.geteuid() != 0:                     # root writes into read-only folders anyway
+        os.makedirs(tmp_path / "ro")
+        os.chmod(tmp_path / "ro", 0o500)
+        assert "not a writable folder" in fails("--data", clips, "--out", str(tmp_path / "ro"))
+
+
+# -----------------------------------------------------------------------------
+# SIGTERM and non-finite steps
+
+
+def test_sigterm_saves_and_resume_continues(clips, base, tmp_path):
+    # SFT steps (a LoRA on the base) are the cheapest; the signal handling is the same for both methods.
+    argv = ["--data", clips, "--method", "sft", "--init", base, *IPRO]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as err:     # a file, not a pipe: tqdm must never block on it
+        proc = subprocess.Popen([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, "--steps", "1000"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    log = tmp_path / "run" / "train.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 1) and proc.poll() is None:
+        assert time.time() < deadline, "no step logged in 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    steps = len(read_log(tmp_path / "run"))
+    assert 1 <= steps < 1000
+    assert torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["step"] == steps
+    resumed = run(tmp_path / "run", *argv, "--steps", str(steps + 1), "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, steps + 2))
+
+
+def test_non_finite_loss_skips_and_stops(clips, base, tmp_path, monkeypatch):
+    real, saved = train.ipro_loss, {}
+
+    def poisoned(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
+        loss, stats = real(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device)
+        return (loss * float("nan") if step >= 2 else loss), stats      # steps 3 and 4 (0-based 2, 3)
+
+    def save(args, cfg, policy, opt, step, *rest):
+        real_save(args, cfg, policy, opt, step, *rest)
+        saved[step] = weights(tmp_path / "lora.safetensors")
+
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "ipro_loss", poisoned)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
+        run(tmp_path, "--data", clips, "--init", base, *IPRO, "--batch", "1", "--steps", "10", "--save-every", "1",
+            "--max-bad-steps", "2")
+    log = read_log(tmp_path)
+    assert [r["skipped"] for r in log] == [False, False, True, True]
+    assert sorted(saved) == [1, 2, 3]                      # nothing saved after the stop
+    assert max_diff(saved[3], saved[2]) == 0 and max_diff(saved[2], saved[1]) > 0
+    assert all(torch.isfinite(v).all() for v in saved[3].values())
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for s in state["optimizer"]["state"].values() for v in s.values()
+               if torch.is_tensor(v))
