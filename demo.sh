@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-runs/demo}
 VAE=assets/tiny_vae.safetensors
-COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0"
+COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0 --cache-clips"
 
 python data.py demo --out "$OUT/data" --clips 4
 python train.py $COMMON --method sft --out "$OUT/sft" --steps 500 --batch 8 --micro-batch 8 --lr 1e-3

@@ -114,6 +114,8 @@ def get_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
+    p.add_argument("--cache-clips", action="store_true",
+                   help="keep decoded clips in memory (small sets such as the demo: no video decoding per step)")
     return p.parse_args(argv)
 
 
@@ -177,7 +179,7 @@ def check_inputs(args, cfg, world):
     if not (args.vae or args.weights or cfg.repo):
         raise SystemExit(f"--vae is required for the {cfg.name} preset (e.g. assets/tiny_vae.safetensors)")
     try:
-        dataset = data.ClipDataset(args.data, split="train", frames=frames, size=size)
+        dataset = data.ClipDataset(args.data, split="train", frames=frames, size=size, cache=args.cache_clips)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"--data: {err}")
     if len(dataset) == 0:
