@@ -21,13 +21,7 @@ METADATA_KEYS = {"clip_id", "caption", "video", "source", "fps", "n_frames", "he
                  "stats", "face_model", "detector", "text_encoder", "model", "args"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors on 2 shared cores: OpenMP workers waiting for each other cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,7 @@ def paste(image, size, canvas_hw=(480, 832), at=(200, 300), fill=90):
     return canvas, s
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are small; with the 2 cores shared, OpenMP workers waiting for each other
-    # at every layer cost more than a second thread saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

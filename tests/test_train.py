@@ -38,13 +38,7 @@ IPRO_STEPS = 6
 SEEDS = range(1000, 1004)                      # fixed noises of the before/after comparison
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors on 2 shared cores: OpenMP workers waiting for each other cost more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
