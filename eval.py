@@ -188,6 +188,13 @@ def read_jsonl(path):
     return out
 
 
+def checkpoint_label(path):
+    """A row's name: the file's stem, or its folder's name for train.py's fixed file names
+    (runs/demo/ipro/model.safetensors -> "ipro")."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem in ("model", "lora") else stem
+
+
 def check_inputs(args):
     """Everything that can be wrong with the request, before any model is loaded. Returns the rows
     to score, (label, folder), and those to generate first, (label, checkpoint; None = the base)."""
@@ -203,7 +210,7 @@ def check_inputs(args):
         if not any(reward.is_video(n) for n in os.listdir(folder)):
             raise ValueError(f"--videos {folder}: the folder has no videos (expected <clip_id>.mp4 per eval clip)")
         rows.append((os.path.basename(os.path.normpath(folder)) or folder, folder))
-    gen = [("base", None)] + [(os.path.splitext(os.path.basename(c))[0], c) for c in args.ckpt] if args.ckpt else []
+    gen = [("base", None)] + [(checkpoint_label(c), c) for c in args.ckpt] if args.ckpt else []
     labels = [label for label, _ in rows + gen]
     clash = sorted({label for label in labels if labels.count(label) > 1 or label == GT})
     if clash:
