@@ -56,11 +56,20 @@ def _peak_growth_mb(fn, args):
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def peak_mb(fn, *args):
-    """Peak resident-memory growth (MB) of fn(*args) in a fresh spawned process."""
+def in_child(fn, *args):
+    """fn(*args) in a fresh spawned process: its memory peak is its own. glibc there hands every
+    block of 64 KiB or more back to the system when it is freed, so resident memory follows the
+    tensors alive (with its default, memory freed by earlier sampler steps stays resident in
+    fragments and shows up as growth that depends on how many steps ran before)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"      # read by glibc when the child starts
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_peak_growth_mb, fn, args).result()
+        return pool.submit(fn, *args).result()
+
+
+def peak_mb(fn, *args):
+    """Peak resident-memory growth (MB) of fn(*args) in a fresh spawned process."""
+    return in_child(_peak_growth_mb, fn, args)
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +246,47 @@ def rollout_memory_steps():
     """Truncated backprop keeps K steps of graph: peak memory must not grow with N (paper Eq. 4)."""
     return "rollout+backward peak MB, K=4: N=16 vs N=8 sampler steps", \
         peak_mb(rollout_backward, 16, 4), peak_mb(rollout_backward, 8, 4), None
+
+
+def demo_data():
+    """A small real-face data folder (data.py demo, one clip per photo), made once per run."""
+    import tempfile
+    import data
+    folder = os.path.join(tempfile.gettempdir(), "ipro_bench_demo")
+    if not os.path.isfile(os.path.join(folder, "manifest.jsonl")):
+        data.build_demo(data.get_args(["demo", "--out", folder, "--clips", "1"]))
+    return folder
+
+
+def _train_step_peak_mb(folder, steps):
+    """One IPRO micro-step of train.py as it runs (rollout with gradient through the last 4 steps,
+    VAE decode with gradient, face reward, KL, backward): peak memory growth of that step alone."""
+    import train
+    import data
+    torch.manual_seed(0)
+    args = train.get_args(["--model", "tiny", "--data", folder, "--lora-rank", "0", "--dtype", "fp32",
+                           "--vae", os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                                                 "tiny_vae.safetensors"),
+                           "--sample-steps", str(steps), "--grad-steps", "4", "--size", "128", "128"])
+    cfg = wan.get_config("tiny")
+    device = torch.device("cpu")
+    experts, ref, vae, faces = train.load_models(args, cfg, device)
+    ds = data.ClipDataset(folder, "train", cfg.frame_num, tuple(args.size))
+    batch = data.collate([ds[0], ds[1]], device)
+
+    def step():
+        loss, _ = train.ipro_loss(args, cfg, experts, experts[-1], ref, vae, faces, batch, 0, [0, 1], device)
+        loss.backward()
+    step()                                           # warm-up: allocator pools and lazy init are not the step
+    return _peak_growth_mb(step, ())
+
+
+@row
+def train_step_memory_steps():
+    """The issue's row: a whole train.py IPRO step, N=16 vs N=8 sampler steps at K=4."""
+    folder = demo_data()
+    return "train.py IPRO step peak MB (tiny DiT, 128x128, batch 2), K=4: N=16 vs N=8 sampler steps", \
+        in_child(_train_step_peak_mb, folder, 16), in_child(_train_step_peak_mb, folder, 8), None
 
 
 @row
