@@ -60,6 +60,9 @@ Record OUT/clips/<clip_id>.safetensors (written to a temporary file, fsynced, th
   --videos), fps, n_frames, height, width, identity (from captions.csv, else the clip id),
   split ("train"/"eval"), stats (JSON), face_model, detector, text_encoder, model, args (JSON).
 
+OUT/negative_context.safetensors: wan.NEG_PROMPT through the same text encoder ("context",
+(L, text_dim)), for CFG in training (read_negative_context); written once, by rank 0.
+
 Manifest: OUT/manifest.jsonl, or one OUT/manifest.rank{r}.jsonl per torchrun rank (read them
 with read_manifest); one JSON line per input video, kept or rejected, appended and flushed
 after its record: {video, clip_id, status, reason, detail, stats, ...}. A re-run skips videos
@@ -112,6 +115,7 @@ VIDEO_EXTENSIONS = tuple(sorted(reward.VIDEO_EXTENSIONS - {".gif"}))
 REFERENCE_SHORT_SIDE = 960   # "960p" in Sec. 5.1: the shorter side of the frame, in pixels
 DETECT_MAX_SIDE = 1280       # frames are shrunk to this longer side for detection and embedding
 CHUNK = 16                   # frames per detector/recognizer call
+NEGATIVE_CONTEXT = "negative_context.safetensors"   # wan.NEG_PROMPT encoded, beside clips/
 # The demo's photos: (name, identity, file, which face from the left). Files are looked up in
 # insightface's data/images, then tests/assets; "astronaut" is skimage.data.astronaut().
 DEMO_PHOTOS = (*((f"t1_{i}", f"t1_{i}", "t1.jpg", i) for i in range(6)),
@@ -266,6 +270,15 @@ def read_record(path, keys=None):
     from safetensors import safe_open
     with safe_open(path, framework="pt") as fh:
         return {k: fh.get_tensor(k) for k in (fh.keys() if keys is None else keys)}, fh.metadata() or {}
+
+
+def read_negative_context(root):
+    """(L, text_dim) float32: the encoded wan.NEG_PROMPT that `prepare` wrote beside the clips."""
+    path = os.path.join(root, NEGATIVE_CONTEXT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: CFG needs the negative prompt's embedding; "
+                                f"re-run data.py prepare on this folder (it adds the file and skips done clips)")
+    return read_record(path)[0]["context"]
 
 
 def manifest_path(out, rank, world):
@@ -599,6 +612,10 @@ def prepare(args, faces=None, face_names=None, encode=None):
         counts[line["status"]] += 1
         reasons[line["reason"]] = reasons.get(line["reason"], 0) + 1
         bar.set_postfix(kept=counts["kept"], rejected=counts["rejected"])
+    # The negative prompt's embedding, for training and evaluating with CFG (train.py --guidance > 1).
+    neg = os.path.join(args.out, NEGATIVE_CONTEXT)
+    if rank == 0 and not os.path.isfile(neg) and any(n.endswith(".safetensors") for n in os.listdir(clips)):
+        write_record(neg, {"context": encode(wan.NEG_PROMPT)}, {"text_encoder": encode.name, "model": args.model})
     minutes = (time.time() - t0) / 60
     processed = counts["kept"] + counts["rejected"]
     summary = dict(rank=rank, world=world, **counts, reasons=reasons, seconds=round(minutes * 60, 2),

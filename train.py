@@ -10,6 +10,8 @@ One optimizer step, top to bottom (`ipro_loss`):
      the reference velocity from the same model with its LoRA off (or a frozen copy when every
      weight trains), weighted by 1 / (2 sigma_t^2) and averaged over the K steps (the authors' code);
   6. loss = -w_r * (R_face - center) / scale + w_kl * KL; Adam.
+`--guidance g > 1` runs CFG at every step, with the negative prompt's embedding that data.py
+prepare writes beside the clips (the unconditional pass keeps no graph, see wan.velocity).
 `--grad-window high` puts the K steps first, at high noise (Table 5). `--method sft` is the
 paper's SFT baseline (flow matching on the clips, optional face loss); the demo also uses it to
 make the tiny preset's base model (full weights), which IPRO then starts from with `--init`.
@@ -200,6 +202,11 @@ def check_inputs(args, cfg, world):
         dims.add(t["pool_emb"].shape[-1])
     if len(dims) > 1:
         raise SystemExit(f"--data {args.data}: face pools of different sizes {sorted(dims)} (mixed face models)")
+    if args.guidance != 1.0:
+        try:
+            data.read_negative_context(args.data)
+        except FileNotFoundError as err:
+            raise SystemExit(f"--guidance {args.guidance}: {err}")
     # A real file, not os.access: root passes os.access on any folder, read-only mounts included.
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -281,11 +288,11 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
     noise = torch.stack([torch.randn(wan.latent_shape(vae, 1, frames, H, W)[1:], device=device,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
     cond = wan.condition(cfg, vae, batch["image"], frames)
-    context = batch["context"]
+    context, context_null = batch["context"], batch.get("context_null")
     offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations \
         else nullcontext()
     with autocast(args, device), offload:
-        _, trace = wan.generate(experts, cfg, noise, context, steps=args.sample_steps, shift=args.shift,
+        _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
                                 grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True, **cond)
         # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
@@ -294,8 +301,8 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
             if s["expert"] != len(experts) - 1:
                 continue
             with torch.no_grad(), (wan.lora_disabled(policy) if ref is None else nullcontext()):
-                v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, y=cond.get("y"),
-                                     guidance=args.guidance)
+                v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, context_null,
+                                     y=cond.get("y"), guidance=args.guidance)
             kl_steps.append((s["v"].float() - v_ref.float()).square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
     video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
@@ -584,6 +591,8 @@ def main(argv=None):
     per_rank = args.batch // world
     accum = per_rank // args.micro_batch
     bad, latents = 0, {}
+    # CFG (--guidance > 1, e.g. a model without a distillation LoRA): the negative prompt's embedding.
+    neg = data.read_negative_context(args.data).to(device) if args.guidance != 1.0 else None
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
     for step in bar:
@@ -596,6 +605,8 @@ def main(argv=None):
         for m in range(accum):
             chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
             batch = data.collate([dataset[i] for _, i in chunk], device)
+            if neg is not None:
+                batch["context_null"] = [neg] * len(chunk)
             indices = [j for j, _ in chunk]
             sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
             with sync:
@@ -640,7 +651,7 @@ def main(argv=None):
         if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            write_sample(args, cfg, experts, vae, dataset, step + 1, device, master)
+            write_sample(args, cfg, experts, vae, dataset, step + 1, device, master, neg)
         if stop["flag"]:
             if master:
                 print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting")
@@ -665,7 +676,7 @@ def open_trackers(args):
 
 
 @torch.no_grad()
-def write_sample(args, cfg, experts, vae, dataset, step, device, master):
+def write_sample(args, cfg, experts, vae, dataset, step, device, master, neg=None):
     """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
     Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
     batch = data.collate([dataset[0]], device)
@@ -673,7 +684,8 @@ def write_sample(args, cfg, experts, vae, dataset, step, device, master):
     g = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
     with autocast(args, device):
-        z = wan.generate(experts, cfg, noise, batch["context"], steps=args.sample_steps, shift=args.shift,
+        z = wan.generate(experts, cfg, noise, batch["context"], None if neg is None else [neg],
+                         steps=args.sample_steps, shift=args.shift,
                          guidance=args.guidance, solver=args.solver,
                          **wan.condition(cfg, vae, batch["image"], frames))
     video = vae.decode(z)[0]

@@ -536,3 +536,27 @@ def test_non_finite_loss_skips_and_stops(clips, base, tmp_path, monkeypatch):
     state = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for s in state["optimizer"]["state"].values() for v in s.values()
                if torch.is_tensor(v))
+
+
+def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_path):
+    """--guidance > 1: prepare's negative-prompt embedding is the unconditional input; without the
+    file the run stops before loading a model and says how to make it."""
+    neg = data.read_negative_context(demo)
+    assert neg.ndim == 2 and neg.shape[1] == CFG.text_dim
+    d = subset(demo, CLIPS, tmp_path / "data")
+    msg = fails("--data", d, "--out", str(tmp_path / "out"), "--guidance", "3")
+    assert "negative_context" in msg and "data.py prepare" in msg
+    args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", "--guidance", "3")
+    batch = judge[2][0]
+    losses = {}
+    for name, null in [("neg", neg), ("zeros", torch.zeros_like(neg))]:
+        loss, stats = train.ipro_loss(args, CFG, experts, experts[-1], ref, vae, faces,
+                                      {**batch, "context_null": [null]}, 0, [0], CPU)
+        assert stats["kl"] == 0.0 and torch.isfinite(loss)       # a fresh LoRA, CFG on both sides of the KL
+        losses[name] = stats["reward"]
+    plain = train.ipro_loss(train.get_args([*COMMON, "--lora-rank", "8"]), CFG, experts, experts[-1], ref, vae,
+                            faces, batch, 0, [0], CPU)[1]["reward"]
+    assert len({losses["neg"], losses["zeros"], plain}) == 3   # the negative context and the scale both act
+    shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
+    log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
+    assert len(log) == 1 and not log[0]["skipped"]
