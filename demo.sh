@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo: IPRO end to end on real faces, about 15 minutes on 2 cores, fp32.
+# The CPU demo: IPRO end to end on real faces, about 12 minutes on 2 quiet cores, fp32.
 #   bash demo.sh [OUT]        (default OUT=runs/demo)
 # 1. real-face clips from photos shipped inside pip packages (held-out people for evaluation);
 # 2. a tiny base image-to-video model trained from scratch with flow matching (the SFT method);
@@ -13,9 +13,9 @@ VAE=assets/tiny_vae.safetensors
 COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0 --cache-clips"
 
 python data.py demo --out "$OUT/data" --clips 4
-python train.py $COMMON --method sft --out "$OUT/sft" --steps 500 --batch 8 --micro-batch 8 --lr 1e-3
-python train.py $COMMON --init "$OUT/sft/model.safetensors" --out "$OUT/ipro" --steps 60 --batch 4 --micro-batch 2 \
-    --lr 3e-4
+python train.py $COMMON --method sft --out "$OUT/sft" --steps 2000 --batch 8 --micro-batch 8 --lr 1e-3
+python train.py $COMMON --init "$OUT/sft/model.safetensors" --out "$OUT/ipro" --steps 100 --batch 4 --micro-batch 4 \
+    --lr 1e-3
 python eval.py --data "$OUT/data" --model tiny --weights "$OUT/sft/model.safetensors" --vae $VAE \
     --ckpt "$OUT/ipro/model.safetensors" --train-log "$OUT/ipro/train.jsonl" --out "$OUT/eval"
 cat "$OUT/eval/table.md"
