@@ -60,7 +60,9 @@ Evaluators (--evaluator, repeatable): faces are found once per frame by the rewa
 
 Outputs in OUT: per_video.jsonl (one line per video, written as soon as it is scored; a rerun
 with the same settings skips the videos it already scored), results.json, table.md (Table 1's
-shape: one row per checkpoint, one table per evaluator), drift_<evaluator>.png, training.png
+shape: one row per checkpoint, one table per evaluator; below it each later checkpoint's FaceSim
+change against the first generated row, the base, paired per clip with its standard error),
+drift_<evaluator>.png, training.png
 (reward and KL per step from train.py's JSONL logs, Fig. 3's analog), index.html (per clip:
 input, pool faces, sampled frames of every checkpoint with their per-frame similarity).
 """
@@ -385,6 +387,19 @@ def summarize(records, gt_records, evaluator, stiff_ratio):
                 no_input_face=sum(not m["input_face"] for m in ms),
                 failed=[f"{r['clip_id']}: {r['error']}" for r in records if r.get("error") is not None])
 
+def paired_change(records, ref_records, evaluator):
+    """FaceSim of each clip minus the reference row's on the same clip (same input, same seed):
+    mean, its standard error over clips, clips where it is higher, clips compared. A paired
+    difference: the spread between clips (some faces are simply easier) cancels out."""
+    ref = {r["clip_id"]: r["eval"][evaluator]["face_sim"] for r in ref_records if r.get("error") is None}
+    d = [r["eval"][evaluator]["face_sim"] - ref[r["clip_id"]] for r in records
+         if r.get("error") is None and ref.get(r["clip_id"]) is not None
+         and r["eval"][evaluator]["face_sim"] is not None]
+    if not d:
+        return None
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+    return dict(diff=float(np.mean(d)), se=se, higher=sum(x > 0 for x in d), n=len(d))
+
 # -----------------------------------------------------------------------------
 # Scoring: references per clip, then one video at a time, each line written at once
 
@@ -569,6 +584,12 @@ def write_table(summary, evaluators, path):
                          f"{fmt(s['flicker'])} | {fmt(s['motion'], 3)} | {s['videos']} | {s['no_face']} | "
                          f"{len(s['failed'])} |")
         lines.append("")
+        pairs = [(label, per[name]["vs_first"]) for label, per in summary.items() if per[name].get("vs_first")]
+        for label, p in pairs:
+            se = "" if p["se"] is None else f" ± {p['se']:.4f} (standard error)"
+            lines.append(f"- {label} vs {p['ref']}, FaceSim paired per clip: {p['diff']:+.4f}{se}, "
+                         f"higher on {p['higher']} of {p['n']} clips")
+        lines += [""] if pairs else []
     lines.append("FaceSim: mean max(0, cos) to the input image's face; FSM: Eq. 5-6 against the ground-truth "
                  "pool; copy gap: cos to the input minus FSM; face var: 1 - mean pairwise cos of the video's "
                  "faces; stiff: face var < ratio x the ground truth's (our proxy for Table 6's hacking rate); "
@@ -690,6 +711,12 @@ def write_html(results, metas, evaluators, summary, out):
 def write_reports(args, results, metas, evaluators):
     summary = {label: {name: summarize(recs, results[GT], name, args.stiff_ratio) for name in evaluators}
                for label, recs in results.items()}
+    # Every generated row against the first one (the base model when eval.py generated them).
+    generated = [label for label in results if label != GT]
+    for label in generated[1:]:
+        for name in evaluators:
+            p = paired_change(results[label], results[generated[0]], name)
+            summary[label][name]["vs_first"] = p and dict(p, ref=generated[0])
     drifts = {name: {label: drift_curve(recs, name) for label, recs in results.items()} for name in evaluators}
     report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()}, summary=summary,
                   drift={n: {label: {str(t): v for t, v in c.items()} for label, c in d.items()} for n, d in drifts.items()},

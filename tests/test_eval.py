@@ -245,7 +245,14 @@ def test_cli_scores_folders_and_writes_every_report(eval_set, models, monkeypatc
         before = [drift[str(t)][0] for t in (1, 2, 3)]
         after = [drift[str(t)][0] for t in (4, 5, 6)]
         assert max(after) < min(before), (name, drift)
+        # switch against the first row (good), clip by clip: worse on both clips
+        pair = summary["switch"][name]["vs_first"]
+        d = [by[("switch", c)]["eval"][name]["face_sim"] - by[("good", c)]["eval"][name]["face_sim"] for c in "ab"]
+        assert pair["ref"] == "good" and pair["n"] == 2 and pair["higher"] == 0
+        assert pair["diff"] == pytest.approx(np.mean(d)) and pair["se"] == pytest.approx(np.std(d, ddof=1) / 2 ** 0.5)
+        assert "vs_first" not in summary["good"][name]
     table = (out / "table.md").read_text()
+    assert "switch vs good, FaceSim paired per clip" in table
     assert "dlib_face_recognition_resnet_model_v1" in table and "face_recognition_sface" in table
     assert all(f"| {row} |" in table for row in ("ground truth", "good", "switch"))
     from PIL import Image
