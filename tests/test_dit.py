@@ -13,6 +13,12 @@ import wan
 SMALL = dict(dim=64, ffn_dim=96, freq_dim=32, text_dim=24, num_heads=2, num_layers=2, text_len=16)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Inputs drawn from torch's global generator do not depend on which tests ran before."""
+    torch.manual_seed(0)
+
+
 def small_config(model_type="ti2v"):
     if model_type == "ti2v":
         return wan.WanConfig(model_type="ti2v", in_dim=8, out_dim=8, **SMALL)
@@ -243,16 +249,21 @@ def test_lightning_merge_equals_diffusers_lora_loader(tmp_path):
     ref = to_diffusers(model)
     lora = random_lightning_lora(model)
     save_file(lora, tmp_path / "lightning.safetensors")
+    x = torch.randn(2, cfg.in_dim, 2, 4, 4, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([900.0, 100.0])
+    ctx = padded_contexts(cfg, [4, 7])
+    ours_base, theirs_base = model(x, t, ctx), ref(x, t, ctx, return_dict=False)[0]
     # diffusers' own reading of the Lightning layout (its non-diffusers Wan LoRA converter).
     state = WanPipeline.lora_state_dict(str(tmp_path / "lightning.safetensors"))
     ref.load_lora_adapter(state, adapter_name="lightning", prefix="transformer")
     ref.fuse_lora(lora_scale=1.0)
     wan.merge_lora(model, lora)
-    x = torch.randn(2, cfg.in_dim, 2, 4, 4)
-    t = torch.tensor([900.0, 100.0])
-    ctx = padded_contexts(cfg, [4, 7])
-    theirs = ref(x, t, ctx, return_dict=False)[0]
-    assert (model(x, t, ctx) - theirs).abs().max().item() <= 1e-4
+    ours, theirs = model(x, t, ctx), ref(x, t, ctx, return_dict=False)[0]
+    # What the merge changes, on both sides: the base models' own difference (up to ~7e-5 here,
+    # float64 RoPE as the official code) is the parity test's business, not this one's.
+    effect = theirs - theirs_base
+    assert effect.abs().max() > 1.0                                            # the LoRA does something
+    assert ((ours - ours_base) - effect).abs().max().item() <= 1e-4            # measured: 2e-5
 
 
 @torch.no_grad()
