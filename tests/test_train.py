@@ -95,8 +95,8 @@ def clips(demo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(clips, tmp_path_factory):
     """The tiny DiT after SFT (full weights, official key names) on the two clips, from random
-    weights: its samples show faces in most frames (measured here: 73%), not yet much like the
-    person's (R_face about 0.2; the clips themselves score 0.9, their VAE reconstructions 0.35)."""
+    weights: its samples show faces, not yet much like the person's (test_fresh_model_has_kl_exactly_zero
+    checks a face is found; test_reward_rises_and_the_kl_stays_bounded measures R_face before and after)."""
     out = tmp_path_factory.mktemp("sft")
     train.main(["--method", "sft", "--data", clips, "--out", str(out), *COMMON, "--lora-rank", "0",
                 "--batch", "2", "--lr", "2e-3", "--warmup", "10", "--steps", "300", "--save-every", "0"])
