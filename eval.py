@@ -569,6 +569,12 @@ def fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def paired_line(label, p):
+    se = "" if p["se"] is None else f" ± {p['se']:.4f} (standard error)"
+    return (f"{label} vs {p['ref']}, FaceSim paired per clip: {p['diff']:+.4f}{se}, "
+            f"higher on {p['higher']} of {p['n']} clips")
+
+
 def write_table(summary, evaluators, path):
     """table.md: one table per evaluator, one row per checkpoint (Table 1's shape)."""
     lines = []
@@ -584,12 +590,9 @@ def write_table(summary, evaluators, path):
                          f"{fmt(s['flicker'])} | {fmt(s['motion'], 3)} | {s['videos']} | {s['no_face']} | "
                          f"{len(s['failed'])} |")
         lines.append("")
-        pairs = [(label, per[name]["vs_first"]) for label, per in summary.items() if per[name].get("vs_first")]
-        for label, p in pairs:
-            se = "" if p["se"] is None else f" ± {p['se']:.4f} (standard error)"
-            lines.append(f"- {label} vs {p['ref']}, FaceSim paired per clip: {p['diff']:+.4f}{se}, "
-                         f"higher on {p['higher']} of {p['n']} clips")
-        lines += [""] if pairs else []
+        pairs = [paired_line(label, per[name]["vs_first"]) for label, per in summary.items()
+                 if per[name].get("vs_first")]
+        lines += [f"- {p}" for p in pairs] + ([""] if pairs else [])
     lines.append("FaceSim: mean max(0, cos) to the input image's face; FSM: Eq. 5-6 against the ground-truth "
                  "pool; copy gap: cos to the input minus FSM; face var: 1 - mean pairwise cos of the video's "
                  "faces; stiff: face var < ratio x the ground truth's (our proxy for Table 6's hacking rate); "
@@ -678,6 +681,9 @@ def write_html(results, metas, evaluators, summary, out):
                      for n in evaluators) + f"<td>{fmt(first['copy_gap'])}</td><td>{fmt(first['stiff_rate'], 3)}</td>"
                      f"<td>{fmt(first['flicker'])}</td><td>{fmt(first['motion'], 3)}</td></tr>")
     parts.append("</table>")
+    pairs = [f"<li><b>{esc(n)}</b>: {esc(paired_line(label, per[n]['vs_first']))}</li>"
+             for n in evaluators for label, per in summary.items() if per[n].get("vs_first")]
+    parts += ["<ul>", *pairs, "</ul>"] if pairs else []
     for meta in metas:
         cid = meta["clip_id"]
         folder = os.path.join("html", safe_name(cid))

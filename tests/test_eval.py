@@ -263,6 +263,7 @@ def test_cli_scores_folders_and_writes_every_report(eval_set, models, monkeypatc
     srcs = [s.split("'")[0] for s in page.split("src='")[1:]]
     assert len(srcs) > 30 and all((out / s).is_file() for s in srcs)
     assert "no face" in page and "ground-truth pool faces (4)" in page
+    assert "switch vs good, FaceSim paired per clip" in page
 
 
 def test_results_so_far_survive_a_crash_and_a_rerun_continues(eval_set, models, monkeypatch):
