@@ -96,7 +96,6 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -899,11 +898,9 @@ def fit_vae_command(args):
     print(f"fitting the {cfg.name} VAE ({cfg.vae}, {cfg.vae_kwargs}) on {len(videos)} training clips "
           f"for {args.steps} steps", file=sys.stderr)
     vae = fit_vae(cfg, videos, args.steps, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
-    # PSNR per frame index, so a broken causal chunk shows (reported for the held-out clips too;
-    # they are never fitted on)
-    psnr = {split: reconstruction_psnr(vae, videos if split == "train" else
-                                       [it["video"] for it in ClipDataset(args.data, split, cfg.frame_num, cfg.size)])
-            for split in ("train", "eval")}
+    # PSNR per frame index, so a broken causal chunk shows; also on the held-out clips, never fitted on.
+    held_out = [it["video"] for it in ClipDataset(args.data, "eval", cfg.frame_num, cfg.size)]
+    psnr = {"train": reconstruction_psnr(vae, videos), "eval": reconstruction_psnr(vae, held_out)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"model": cfg.name, "steps": str(args.steps), "clips": str(len(videos)),
             **{f"psnr_{split}": " ".join(f"{p:.2f}" for p in v) for split, v in psnr.items()}}

@@ -617,13 +617,7 @@ def plot_drift(drifts, desc, path):
     ax.set_ylabel("FaceSim of the frame (max(0, cos) to input)")
     ax.set_title("Identity drift\n" + textwrap.fill(desc, 90), fontsize=8)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no face found in any video", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, [(ax, "no face found in any video")], path)
 
 
 def plot_training(logs, path):
@@ -648,10 +642,17 @@ def plot_training(logs, path):
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
+    save_figure(fig, [(ax, "not in the log") for ax in axes], path)
+
+
+def save_figure(fig, notes, path):
+    """A legend on each axis that has lines, else its note in the middle; then the PNG."""
+    import matplotlib.pyplot as plt
+    for ax, note in notes:
         if ax.lines:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "not in the log", ha="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

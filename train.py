@@ -167,7 +167,8 @@ def peak_memory_gb(device):
 
 
 def check_inputs(args, cfg, world):
-    """(the training split of --data, the size of its face embeddings), or SystemExit saying what is wrong."""
+    """(the training split of --data, the size of its face embeddings, the negative prompt's embedding
+    for CFG or None), or SystemExit saying what is wrong."""
     if not args.data:
         raise SystemExit("--data is required (a data.py output folder)")
     frames = args.frames or cfg.frame_num
@@ -202,9 +203,10 @@ def check_inputs(args, cfg, world):
         dims.add(t["pool_emb"].shape[-1])
     if len(dims) > 1:
         raise SystemExit(f"--data {args.data}: face pools of different sizes {sorted(dims)} (mixed face models)")
+    neg = None
     if args.guidance != 1.0:
         try:
-            data.read_negative_context(args.data)
+            neg = data.read_negative_context(args.data)
         except FileNotFoundError as err:
             raise SystemExit(f"--guidance {args.guidance}: {err}")
     # A real file, not os.access: root passes os.access on any folder, read-only mounts included.
@@ -215,7 +217,7 @@ def check_inputs(args, cfg, world):
         os.remove(probe)
     except OSError as err:
         raise SystemExit(f"--out {args.out} is not a writable folder: {err}")
-    return dataset, dims.pop()
+    return dataset, dims.pop(), neg
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +286,6 @@ def face_score(faces, video, batch, args):
 
 def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
-    B = len(indices)
     noise = torch.stack([torch.randn(wan.latent_shape(vae, 1, frames, H, W)[1:], device=device,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
     cond = wan.condition(cfg, vae, batch["image"], frames)
@@ -552,7 +553,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset, pool_dim = check_inputs(args, cfg, world)
+    dataset, pool_dim, neg = check_inputs(args, cfg, world)
     state = check_resume(args, cfg) if args.resume else None
 
     torch.manual_seed(args.seed)
@@ -591,8 +592,9 @@ def main(argv=None):
     per_rank = args.batch // world
     accum = per_rank // args.micro_batch
     bad, latents = 0, {}
-    # CFG (--guidance > 1, e.g. a model without a distillation LoRA): the negative prompt's embedding.
-    neg = data.read_negative_context(args.data).to(device) if args.guidance != 1.0 else None
+    # CFG (--guidance > 1, e.g. a model without a distillation LoRA): one negative prompt, which
+    # wan.velocity broadcasts over the batch.
+    neg = None if neg is None else [neg.to(device)]
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
     for step in bar:
@@ -605,8 +607,7 @@ def main(argv=None):
         for m in range(accum):
             chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
             batch = data.collate([dataset[i] for _, i in chunk], device)
-            if neg is not None:
-                batch["context_null"] = [neg] * len(chunk)
+            batch["context_null"] = neg
             indices = [j for j, _ in chunk]
             sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
             with sync:
@@ -684,8 +685,7 @@ def write_sample(args, cfg, experts, vae, dataset, step, device, master, neg=Non
     g = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
     with autocast(args, device):
-        z = wan.generate(experts, cfg, noise, batch["context"], None if neg is None else [neg],
-                         steps=args.sample_steps, shift=args.shift,
+        z = wan.generate(experts, cfg, noise, batch["context"], neg, steps=args.sample_steps, shift=args.shift,
                          guidance=args.guidance, solver=args.solver,
                          **wan.condition(cfg, vae, batch["image"], frames))
     video = vae.decode(z)[0]

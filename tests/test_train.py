@@ -545,15 +545,15 @@ def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_
     assert "negative_context" in msg and "data.py prepare" in msg
     args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", "--guidance", "3")
     batch = judge[2][0]
-    losses = {}
+    rewards = {}
     for name, null in [("neg", neg), ("zeros", torch.zeros_like(neg))]:
         loss, stats = train.ipro_loss(args, CFG, experts, experts[-1], ref, vae, faces,
                                       {**batch, "context_null": [null]}, 0, [0], CPU)
         assert stats["kl"] == 0.0 and torch.isfinite(loss)       # a fresh LoRA, CFG on both sides of the KL
-        losses[name] = stats["reward"]
+        rewards[name] = stats["reward"]
     plain = train.ipro_loss(train.get_args([*COMMON, "--lora-rank", "8"]), CFG, experts, experts[-1], ref, vae,
                             faces, batch, 0, [0], CPU)[1]["reward"]
-    assert len({losses["neg"], losses["zeros"], plain}) == 3   # the negative context and the scale both act
+    assert len({rewards["neg"], rewards["zeros"], plain}) == 3   # the negative context and the scale both act
     shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
     log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
     assert len(log) == 1 and not log[0]["skipped"]
