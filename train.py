@@ -48,6 +48,7 @@ import wan
 
 # --grad-window: the paper's names (Table 5) for wan.generate's windows.
 GRAD_WINDOWS = {"low": "last", "high": "first"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def get_args(argv=None):
@@ -94,13 +95,19 @@ def get_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the DiT")
+                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference "
+                   "(time embedding, modulation and head stay fp32); bf16 needs --dtype bf16")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                   help="autocast dtype of the DiT (on the CPU too: slow, for tests at the tiny preset)")
+    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the VAE (its weights and the decode with gradient); bf16 halves its memory")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing per DiT block")
-    p.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
     p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT blocks (default: on with CUDA, off on the CPU)")
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GB",
+                   help="--dry-run: say whether the run fits a GPU of this many GB, and what to change if not")
     # data
     p.add_argument("--frames", type=int, default=None, help="frames per clip, 4n+1 (default: preset)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: preset")
@@ -150,7 +157,8 @@ def sample_generator(seed, step, index, device):
 
 
 def autocast(args, device):
-    if args.dtype == "fp32" or device.type == "cpu":
+    """bf16 autocast for the DiT, on the CPU too (slow there, but the tests then run the GPU's dtypes)."""
+    if args.dtype == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -229,22 +237,21 @@ def load_models(args, cfg, device):
     (None with LoRA: the same model with adapters off), the VAE and the face reward."""
     # The same loader as sample.py and eval.py, so a checkpoint trained here samples there unchanged
     # (the tiny preset's random base included: wan.load_experts seeds it).
-    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora, device)
-    # They come frozen. A14B: only the low-noise expert (the last) trains; the high-noise steps run
-    # without gradient.
-    frozen_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
-    for dit in experts[:-1]:
-        dit.to(frozen_dtype)
+    # They come frozen, in --base-dtype (cast on the CPU, before they reach the GPU); the trained
+    # expert of full fine-tuning in float32. A14B: only the low-noise expert (the last) trains; the
+    # high-noise steps run without gradient.
+    frozen_dtype = DTYPES[args.base_dtype]
+    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora, device,
+                               dtype=frozen_dtype, last_dtype=frozen_dtype if args.lora_rank > 0 else torch.float32)
     policy = experts[-1]
     ref = None
     if args.lora_rank > 0:
-        policy.to(frozen_dtype)
         wan.add_lora(policy, rank=args.lora_rank, alpha=args.lora_alpha, dtype=torch.float32)
         for n, p in policy.named_parameters():
             p.requires_grad_("lora_" in n)
     else:
         if args.method == "ipro" and args.kl_weight > 0:
-            ref = copy.deepcopy(policy).to(frozen_dtype)
+            ref = wan.cast_dit(copy.deepcopy(policy), frozen_dtype)
         policy.requires_grad_(True)
     policy.gradient_checkpointing = args.checkpointing
     if args.compile:
@@ -254,7 +261,7 @@ def load_models(args, cfg, device):
     vae_src = args.vae or args.weights or cfg.repo
     if not vae_src:
         raise ValueError(f"--vae is required for the {cfg.name} preset (e.g. the demo's fitted VAE)")
-    vae = wan.load_vae(cfg, vae_src, device=device)
+    vae = wan.load_vae(cfg, vae_src, dtype=DTYPES[args.vae_dtype], device=device)
     faces = reward.load_face_models(args.face_model, args.detector, device=device) \
         if (args.method == "ipro" or args.sft_face_weight > 0) else None
     return experts, ref, vae, faces
@@ -290,9 +297,7 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
     cond = wan.condition(cfg, vae, batch["image"], frames)
     context, context_null = batch["context"], batch.get("context_null")
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if args.offload_activations \
-        else nullcontext()
-    with autocast(args, device), offload:
+    with autocast(args, device):
         _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
                                 grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True, **cond)
@@ -476,8 +481,6 @@ def dry_run(args, cfg, world):
         weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world   # all sharded by FSDP2
     block_in = L * cfg.dim * 4                                              # fp32 residual stream
     saved = K * cfg.num_layers * block_in * (1 if args.checkpointing else 12)
-    if args.offload_activations:
-        saved = 0
     one_block = L * (6 * cfg.dim + 2 * cfg.ffn_dim) * 2 + L * cfg.dim * 4 * 6   # recompute + modulation
     vae = 0.7e9 * 4 if cfg.vae == "2.2" else 0.13e9 * 4
     total = weights + saved + one_block + vae + 2e9                          # + decode chunk, face model, buffers
@@ -544,6 +547,10 @@ def main(argv=None):
     cfg = wan.get_config(args.model)
     ddp, rank, world, device = setup_distributed(args)
     master = rank == 0
+    if args.base_dtype == "bf16" and args.dtype != "bf16":
+        raise SystemExit("--base-dtype bf16 needs --dtype bf16: bf16 weights only meet float32 inputs under autocast")
+    if args.compile is None:
+        args.compile = device.type == "cuda"
     if args.dry_run:
         if master:
             dry_run(args, cfg, args.world_size or world)

@@ -176,10 +176,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype, as the official WanLayerNorm."""
+    """LayerNorm computed in float32 whatever the input and weight dtypes, as the official WanLayerNorm
+    (there CUDA autocast upcasts a bf16 weight; CPU autocast does not, so it is done here)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w, b = self.weight, self.bias
+        w, b = (None, None) if w is None else (w.float(), b.float())
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class Attention(nn.Module):
@@ -350,6 +353,23 @@ class WanModel(nn.Module):
         x = x.view(B, *grid, pt, ph, pw, cfg.out_dim)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)                                # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(B, cfg.out_dim, f, h, w).float()
+
+
+# Parameters the official code keeps in float32 and runs outside autocast, whatever the dtype of
+# the rest: the time embedding and projection, every modulation table, and the head.
+FP32_PARAMS = ("time_embedding.", "time_projection.", "head.")
+
+
+def keeps_fp32(name):
+    return name.startswith(FP32_PARAMS) or name.endswith("modulation")
+
+
+def cast_dit(model, dtype):
+    """model in `dtype` (e.g. bf16 frozen weights), except the parameters of FP32_PARAMS and the
+    modulation tables, which stay float32 as the official code runs them. In place; returns model."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -547,22 +567,27 @@ def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = WanModel(cfg)
     load_strict(model, read_state_dict(path), f"DiT weights {path}")
-    return model.to(device=device, dtype=dtype)
+    return cast_dit(model, dtype).to(device)
 
 
 
-def load_experts(cfg, src, ckpt=None, loras=(), device="cpu"):
+def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float32, last_dtype=None):
     """The DiT (or I2V-A14B's two experts, high noise first) ready to sample: official weights from
     `src` (folder or repo; None = random weights, for the tiny preset), then `ckpt` (our fine-tuned
     weights with official names, or a LoRA) into the last (low-noise) expert, then `loras`
-    ("high=FILE", "low=FILE" or "FILE" = the last expert) merged. Frozen, eval mode."""
+    ("high=FILE", "low=FILE" or "FILE" = the last expert) merged. Frozen, eval mode.
+    Weights are cast (cast_dit: the float32 parts stay float32) to `dtype` (the last expert to
+    `last_dtype`, default `dtype`) on the CPU, before the merges and before they reach `device`:
+    A14B's two experts in float32 would need 114 GB."""
     experts = []
-    for expert in cfg.experts or (None,):
+    names = cfg.experts or (None,)
+    dtypes = [dtype] * (len(names) - 1) + [dtype if last_dtype is None else last_dtype]
+    for expert, want in zip(names, dtypes):
         if src:
-            experts.append(load_dit(cfg, src, expert=expert))
+            experts.append(load_dit(cfg, src, expert=expert, dtype=want))
         else:
             torch.manual_seed(0)
-            experts.append(WanModel(cfg))
+            experts.append(cast_dit(WanModel(cfg), want))
     if ckpt:
         sd = read_state_dict(ckpt)
         if any(".lora_down." in k for k in sd):
@@ -574,7 +599,8 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu"):
         if which == "high" and len(experts) < 2:
             raise ValueError(f"LoRA {lora}: {cfg.name} has one model, no high-noise expert")
         merge_lora(experts[0 if which == "high" else -1], read_state_dict(path))
-    return [m.to(device).eval().requires_grad_(False) for m in experts]
+    # cast again: load_strict assigns a checkpoint's tensors in the dtype they were saved in
+    return [cast_dit(m, d).to(device).eval().requires_grad_(False) for m, d in zip(experts, dtypes)]
 
 # -----------------------------------------------------------------------------
 # VAEs (Wan2.2 and Wan2.1): causal 3-D conv autoencoders, run chunk by chunk
@@ -997,48 +1023,81 @@ def check_video(vae, video):
                          f"(0-255 images: x / 127.5 - 1)")
 
 
+def vae_dtype(vae):
+    return vae.conv1.weight.dtype
+
+
 def vae_encode(vae, video):
-    """Normalised latent (mu - mean) / std of the official wrapper; log_var is dropped."""
+    """Normalised latent (mu - mean) / std of the official wrapper; log_var is dropped. float32 out,
+    whatever the VAE's dtype."""
     check_video(vae, video)
-    x = patchify(video, vae.patch)                                     # (B, 3*p*p, F, H/p, W/p)
+    x = patchify(video.to(vae_dtype(vae)), vae.patch)                   # (B, 3*p*p, F, H/p, W/p)
     f = x.shape[2]
     outs, prev = [], None
     for start, end in [(0, 1)] + [(s, s + 4) for s in range(1, f, 4)]:
         cache = Cache(prev)
         outs.append(vae.encoder(x[:, :, start:end], cache))
         prev = cache.next
-    mu, _log_var = vae.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)   # (B, z, f', h, w) each
+    mu, _log_var = vae.conv1(torch.cat(outs, dim=2)).float().chunk(2, dim=1)   # (B, z, f', h, w) each
     shape = (1, -1, 1, 1, 1)
     return (mu - vae.mean.to(mu).view(shape)) / vae.std.to(mu).view(shape)
 
 
+def decode_chunks(vae, x, bounds, keys, *prev):
+    """Decode the latent frames x[:, :, a:b] for each (a, b) in `bounds`, in order, starting from
+    the causal cache (keys, prev): the layers and their tensors, flat so that checkpoint sees the
+    tensors (a dict argument would be kept alive whole). Returns (pixels, keys, tensors) of the
+    cache the last chunk left."""
+    outs = []
+    for a, b in bounds:
+        cache = Cache(dict(zip(keys, prev)) if keys else None)
+        outs.append(vae.decoder(x[:, :, a:b], cache))
+        keys, prev = tuple(cache.next), tuple(cache.next.values())
+    return torch.cat(outs, dim=2), keys, prev
+
+
 def vae_decode(vae, z, chunk=1, checkpoint=True):
     """Decode the first latent frame alone, then `chunk` latent frames at a time (official: 1).
+    float32 out (computed in the VAE's dtype), clamped to [-1, 1] as in the official wrapper.
 
-    With gradients on and checkpoint=True each chunk is recomputed during backward
-    (torch.utils.checkpoint), so backward through a long clip holds one chunk's activations plus
-    the small per-layer caches. The output is clamped to [-1, 1] as in the official wrapper.
+    With gradients on and checkpoint=True, the n chunks are checkpointed in two levels: segments
+    of about sqrt(n) chunks, and each chunk inside a segment. The forward keeps only the causal
+    cache at each segment's start; backward recomputes one segment (keeping its chunks' caches),
+    then one chunk at a time with its activations. The caches are large at the released widths
+    (two frames of every causal conv's input, ~2.5 GB per latent frame at 480x832), so memory is
+    about 2 sqrt(n) caches plus one chunk's activations, not n caches; the price is one more
+    forward of the decoder.
     """
     if z.ndim != 5 or z.shape[1] != vae.z_dim:
         raise ValueError(f"latent must be (B, {vae.z_dim}, f, h, w), got shape {tuple(z.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     shape = (1, -1, 1, 1, 1)
-    x = vae.conv2(z * vae.std.to(z).view(shape) + vae.mean.to(z).view(shape))
-
-    def step(x_chunk, prev):
-        cache = Cache(prev)
-        return vae.decoder(x_chunk, cache), cache.next
-
+    z = z.float() * vae.std.to(z.device).view(shape) + vae.mean.to(z.device).view(shape)
+    x = vae.conv2(z.to(vae_dtype(vae)))
     f = x.shape[2]
-    outs, prev = [], None
-    for start, end in [(0, 1)] + [(s, min(s + chunk, f)) for s in range(1, f, chunk)]:
-        if checkpoint and torch.is_grad_enabled():
-            out, prev = torch.utils.checkpoint.checkpoint(step, x[:, :, start:end], prev, use_reentrant=False)
-        else:
-            out, prev = step(x[:, :, start:end], prev)
+    bounds = [(0, 1)] + [(s, min(s + chunk, f)) for s in range(1, f, chunk)]
+    if not (checkpoint and torch.is_grad_enabled()):
+        out = decode_chunks(vae, x, bounds, ())[0]
+    else:
+        size = math.ceil(math.sqrt(len(bounds)))
+        outs, keys, prev = [], (), ()
+        for i in range(0, len(bounds), size):
+            out, keys, prev = torch.utils.checkpoint.checkpoint(
+                segment, vae, x, bounds[i:i + size], keys, *prev, use_reentrant=False)
+            outs.append(out)
+        out = torch.cat(outs, dim=2)
+    return unpatchify(out, vae.patch).float().clamp(-1.0, 1.0)   # (B, 3, F, H, W)
+
+
+def segment(vae, x, bounds, keys, *prev):
+    """decode_chunks with each chunk checkpointed (the inner level of vae_decode)."""
+    outs = []
+    for a, b in bounds:
+        out, keys, prev = torch.utils.checkpoint.checkpoint(
+            decode_chunks, vae, x, [(a, b)], keys, *prev, use_reentrant=False)
         outs.append(out)
-    return unpatchify(torch.cat(outs, dim=2), vae.patch).clamp(-1.0, 1.0)   # (B, 3, F, H, W)
+    return torch.cat(outs, dim=2), keys, prev
 
 
 VAE_FILES = {"2.2": "Wan2.2_VAE.pth", "2.1": "Wan2.1_VAE.pth"}

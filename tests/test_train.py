@@ -295,6 +295,45 @@ def test_gradients_come_only_from_the_window(judge, base, window, window_calls):
     assert inside.abs().max() == 0
 
 
+def test_bf16_base_and_autocast_match_fp32(clips, judge, base, tmp_path):
+    """The GPU's dtype path on the CPU: --base-dtype bf16 --dtype bf16 keeps the frozen weights in
+    bf16 (time embedding, modulation and head in float32, as the official code runs them) under CPU
+    autocast, and one IPRO loss with its LoRA gradient lands near the float32 one."""
+    results = {}
+    for name, argv in (("fp32", []), ("bf16", ["--base-dtype", "bf16", "--dtype", "bf16"])):
+        args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", *argv)
+        policy = experts[-1]
+        dtypes = {n: p.dtype for n, p in policy.named_parameters()}
+        lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+        torch.manual_seed(1)
+        with torch.no_grad():                  # an adapter that moves v well above bf16's rounding noise
+            for p in lora:
+                p.add_(torch.randn_like(p) * 0.05)
+        loss, stats = train.ipro_loss(args, CFG, experts, policy, ref, vae, faces, judge[2][0], 0, [0], CPU)
+        loss.backward()
+        results[name] = stats, torch.cat([p.grad.flatten() for p in lora]), dtypes
+    (s32, g32, d32), (s16, g16, d16) = results["fp32"], results["bf16"]
+    assert set(d32.values()) == {torch.float32}
+    assert d16["blocks.0.self_attn.q.weight"] == torch.bfloat16 and d16["blocks.0.ffn.0.weight"] == torch.bfloat16
+    for n in ("time_embedding.0.weight", "time_projection.1.weight", "blocks.0.modulation", "head.head.weight",
+              "head.modulation", "blocks.0.self_attn.q.lora_up.weight"):
+        assert d16[n] == torch.float32, n
+    # Tolerances: bf16 keeps 8 bits of mantissa (relative error ~4e-3 per rounding), through 8 sampler
+    # steps; the KL is a squared difference of two bf16 velocities, so its rounding noise counts twice.
+    assert s16["n_face"] == s32["n_face"] == 1
+    # R_face goes through face detection and alignment on 64x64 frames, where a box moving by a pixel
+    # moves the score by a few hundredths; 0.05 is far below the gap between the same person (SFace
+    # 0.56-0.80) and different people (<= 0.23).
+    assert abs(s16["reward"] - s32["reward"]) < 0.05, (s16["reward"], s32["reward"])
+    assert abs(s16["kl"] - s32["kl"]) < 0.2 * s32["kl"], (s16["kl"], s32["kl"])
+    cosine = torch.nn.functional.cosine_similarity(g16.double(), g32.double(), dim=0).item()
+    assert cosine > 0.95, cosine
+    # And the CLI end to end: one step writes a LoRA.
+    run(tmp_path, "--data", clips, "--init", base, *IPRO, "--steps", "1", "--base-dtype", "bf16",
+        "--dtype", "bf16")
+    assert os.path.isfile(tmp_path / "lora.safetensors")
+
+
 # -----------------------------------------------------------------------------
 # A handful of steps on a fixed batch (Fig. 3 in small)
 
