@@ -204,6 +204,51 @@ def vae_decode_checkpointing():
         peak_mb(decode_backward, 9, True), peak_mb(decode_backward, 9, False), None
 
 
+def _released_decode_peak_mb(latent_frames, side=1):
+    """Decode+backward of the released Wan2.2 VAE (random weights, every width as released) on a
+    side x side latent: peak memory growth of the step alone, weights excluded."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        vae = wan.WanVAE22()
+    vae = vae.to_empty(device="cpu").requires_grad_(False)
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    z = torch.randn(1, 48, latent_frames, side, side, requires_grad=True)
+    return _peak_growth_mb(lambda: vae.decode(z).square().mean().backward(), ())
+
+
+@row
+def vae_decode_backward_memory_released():
+    """The GPU's decode term at the widths that broke the 5B step: 21 latent frames vs 3 (target <= 1.3)."""
+    return "VAE 2.2 decode+backward peak MB, released widths (16x16 px): 21 vs 3 latent frames", \
+        in_child(_released_decode_peak_mb, 21), in_child(_released_decode_peak_mb, 3), None
+
+
+@row
+def vae_bf16_error():
+    """--vae-dtype bf16 against fp32 on the demo's fitted VAE and a real clip: decode error and the
+    direction of the gradient that reaches the latent (what the reward's backward uses)."""
+    import data
+    folder = demo_data()
+    cfg = wan.get_config("tiny")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_vae.safetensors")
+    video = data.collate([data.ClipDataset(folder, "train", cfg.frame_num, cfg.size)[0]], "cpu")["video"]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = wan.load_vae(cfg, path, dtype=dtype)
+        with torch.no_grad():
+            z = wan.load_vae(cfg, path).encode(video)
+        z.requires_grad_(True)
+        pixels = vae.decode(z)
+        (pixels * video).sum().backward()
+        out[dtype] = pixels.detach(), z.grad.flatten()
+    (p32, g32), (p16, g16) = out[torch.float32], out[torch.bfloat16]
+    psnr = 10 * torch.log10(4 / (p16 - p32).square().mean()).item()          # pixels span [-1, 1]
+    cos = torch.nn.functional.cosine_similarity(g16.double(), g32.double(), dim=0).item()
+    return "VAE decode bf16 vs fp32 (demo VAE, real clip): PSNR dB, 1 - cosine of the latent's gradient", \
+        psnr, 1 - cos, float("nan")
+
+
 # -----------------------------------------------------------------------------
 # Face embedding
 

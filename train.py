@@ -99,10 +99,13 @@ def get_args(argv=None):
                    "(time embedding, modulation and head stay fp32); bf16 needs --dtype bf16")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
                    help="autocast dtype of the DiT (on the CPU too: slow, for tests at the tiny preset)")
-    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the VAE (its weights and the decode with gradient); bf16 halves its memory")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing per DiT block")
+    p.add_argument("--vae-dtype", default=None, choices=["fp32", "bf16"],
+                   help="dtype of the VAE's weights and decode (default: --dtype); bf16 halves the decode's "
+                   "memory, at 61 dB PSNR from fp32 (bench.py vae_bf16)")
+    p.add_argument("--checkpointing", default="block", choices=["block", "call", "off"],
+                   help="activation checkpointing: block = per DiT block; call = also each windowed DiT call as "
+                   "a whole, so the rollout keeps only the calls' inputs until backward (less memory, one more "
+                   "forward per windowed step; for 720p and A14B)")
     p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT blocks (default: on with CUDA, off on the CPU)")
@@ -125,7 +128,9 @@ def get_args(argv=None):
                    help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
     p.add_argument("--cache-clips", action="store_true",
                    help="keep decoded clips in memory (small sets such as the demo: no video decoding per step)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.vae_dtype = args.vae_dtype or args.dtype
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def load_models(args, cfg, device):
         if args.method == "ipro" and args.kl_weight > 0:
             ref = wan.cast_dit(copy.deepcopy(policy), frozen_dtype)
         policy.requires_grad_(True)
-    policy.gradient_checkpointing = args.checkpointing
+    policy.gradient_checkpointing = args.checkpointing != "off"
     if args.compile:
         for block in policy.blocks:
             block.compile()
@@ -300,7 +305,8 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
     with autocast(args, device):
         _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
-                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True, **cond)
+                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True,
+                                checkpoint_calls=args.checkpointing == "call", **cond)
         # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
         kl_steps = []
         for s in trace.steps:
@@ -427,7 +433,32 @@ def restore(args, policy, opt, state):
 
 
 # -----------------------------------------------------------------------------
-# --dry-run: sizes, FLOPs and memory at the official sizes, on the meta device (no GPU needed)
+# --dry-run: a memory planner and FLOP count at any size, on the meta device (no GPU, no weights)
+#
+# Memory is planned by phase, since the terms are not all alive at once. The DiT and VAE terms are
+# counted, not guessed: their modules run on the meta device with a hook that adds up the tensors
+# autograd saves (what backward will need) and the caches the VAE carries between chunks.
+
+GB = 2**30
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def saved_bytes(fn, skip=()):
+    """Bytes autograd saves while fn() runs (each tensor once; `skip`: parameters, held anyway)."""
+    seen, held = set(), {t._cdata for t in skip}
+    total = [0]
+
+    def pack(t):
+        if t._cdata not in seen and t._cdata not in held:
+            seen.add(t._cdata)
+            total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
 
 
 def dit_forward_flops(cfg, frames, H, W, vae_stride):
@@ -445,6 +476,145 @@ def dit_forward_flops(cfg, frames, H, W, vae_stride):
             dit(x, t, ctx, y=y)
     L = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     return counter.get_total_flops(), L
+
+
+class FlashAttentionSaves(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while counting on meta, where it would run the math
+    kernel that keeps the L x L attention matrix; GPUs run a fused kernel that saves q, k, v, the
+    output and one float32 log-sum-exp per query."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def dit_terms(cfg, L, compute_dtype):
+    """One DiT call with gradient, per sample: bytes saved per block (block input only with
+    checkpointing; everything without), bytes shared by all blocks (e0, context, RoPE), and the
+    peak of one block's recompute + backward."""
+    from unittest import mock
+    with torch.device("meta"), mock.patch.object(F, "scaled_dot_product_attention", FlashAttentionSaves.apply):
+        block = wan.Block(cfg).to(compute_dtype).requires_grad_(True)
+        x = torch.zeros(1, L, cfg.dim, requires_grad=True)                  # float32 residual stream
+        e0 = torch.zeros(1, L if cfg.model_type == "ti2v" else 1, 6, cfg.dim)
+        ctx = torch.zeros(1, cfg.text_len, cfg.dim, dtype=compute_dtype)
+        rope = torch.zeros(L, cfg.dim // cfg.num_heads // 2, dtype=torch.complex64)
+        inside, _ = saved_bytes(lambda: block(x, e0, ctx, rope), skip=list(block.parameters()))
+    shared = nbytes([e0, ctx, rope])
+    # backward of one block: its saved tensors, plus the gradients flowing in and out (float32)
+    return nbytes([x]), inside, shared, inside + 2 * nbytes([x])
+
+
+def vae_terms(cfg, vae_dtype, f, h, w, batch):
+    """Wan VAE decode with gradient, per sample batch: the causal cache one chunk hands the next,
+    and what one chunk saves for its backward (both for a steady-state chunk, the largest)."""
+    from unittest import mock
+    with torch.device("meta"), mock.patch.object(F, "scaled_dot_product_attention", FlashAttentionSaves.apply):
+        vae = wan.build_vae(cfg).to(vae_dtype)
+        x = torch.zeros(batch, vae.z_dim, 2, h, w, dtype=vae_dtype)
+        first = wan.Cache()
+        with torch.no_grad():
+            vae.decoder(x[:, :, :1], first)
+        cache = wan.Cache(first.next)
+        x = x[:, :, 1:2].requires_grad_(True)
+        acts, out = saved_bytes(lambda: vae.decoder(x, cache), skip=list(vae.parameters()))
+    return nbytes(cache.next.values()), acts + nbytes([out])
+
+
+def plan(args, cfg, world, segment=None, face_bytes_per_crop=None):
+    """Peak memory per GPU of one IPRO micro-batch as train.py runs it, by term and by phase (bytes).
+
+    segment: chunks per checkpointed segment of the VAE decode (None: sqrt(n) as wan.vae_decode;
+    1 reproduces the code measured on the H200, which kept every chunk's cache)."""
+    frames = args.frames or cfg.frame_num
+    H, W = args.size or cfg.size
+    B, K = args.micro_batch, args.grad_steps
+    st, sh, sw = cfg.vae_stride
+    f, h, w = (frames - 1) // st + 1, H // sh, W // sw
+    L = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    base, compute = DTYPES[args.base_dtype], DTYPES[args.dtype]
+    full = args.lora_rank == 0
+    # Weights as load_models leaves them: built on meta, cast and adapted the same way.
+    with torch.device("meta"):
+        dit = wan.cast_dit(wan.WanModel(cfg), torch.float32 if full else base)
+        if not full:
+            wan.add_lora(dit, rank=args.lora_rank)
+        frozen = nbytes(wan.cast_dit(wan.WanModel(cfg), base).parameters())
+        vae = wan.build_vae(cfg).to(DTYPES[args.vae_dtype])
+    trainable = sum(p.numel() for n, p in dit.named_parameters() if full or "lora_" in n)
+    shard = world if full else 1                                              # FSDP2 shards full fine-tuning
+    t = {}
+    t["policy weights"] = nbytes(dit.parameters()) / shard
+    t["frozen experts"] = (len(cfg.experts) - 1) * frozen / shard if cfg.experts else 0
+    t["KL reference copy"] = frozen / shard if full and args.kl_weight > 0 else 0
+    t["grads + Adam (fp32)"] = trainable * 12 / shard
+    t["VAE weights"] = nbytes(vae.parameters())
+    if face_bytes_per_crop is None:
+        face_bytes_per_crop = face_terms(args)
+    t["face models"] = face_bytes_per_crop[0]
+    t["batch (clip, image, text)"] = B * (3 * frames * H * W + 3 * H * W) * 4
+    # Rollout: K windowed DiT calls keep a graph until the backward.
+    per_block, inside, shared, block_peak = dit_terms(cfg, L, compute)
+    kept = B * (inside if args.checkpointing == "off" else per_block) * cfg.num_layers + B * shared
+    latent = B * cfg.out_dim * f * h * w * 4
+    # "call": a windowed call keeps only its inputs; backward recomputes one call at a time.
+    t["rollout saved (K steps)"] = K * (4 * latent + (0 if args.checkpointing == "call" else kept))
+    # Decode: the checkpointed chunks (the first latent frame, then one frame each).
+    n = f
+    size = math.ceil(math.sqrt(n)) if segment is None else segment
+    cache, chunk_acts = vae_terms(cfg, DTYPES[args.vae_dtype], f, h, w, B)
+    video = B * 3 * frames * H * W * 4
+    t["decode: caches at segment borders"] = math.ceil(n / size) * cache
+    t["decode: caches inside one segment"] = (size - 1) * cache if size > 1 else 0
+    t["decode: one chunk's activations"] = chunk_acts
+    t["decoded video and its copies"] = 3 * video          # decode output, pixels, aligned gathers
+    every = max(1, args.reward_frames)
+    t["face model activations"] = B * math.ceil(frames / every) * face_bytes_per_crop[1]
+    t["DiT call/block recompute + backward"] = B * block_peak + (kept if args.checkpointing == "call" else 0)
+    held = sum(t[k] for k in ("policy weights", "frozen experts", "KL reference copy", "grads + Adam (fp32)",
+                              "VAE weights", "face models", "batch (clip, image, text)"))
+    R = t["rollout saved (K steps)"]
+    borders = t["decode: caches at segment borders"]
+    phases = {
+        "rollout": held + R,
+        "reward forward": held + R + borders + t["decoded video and its copies"] + t["face model activations"],
+        "decode backward": held + R + borders + t["decode: caches inside one segment"]
+                           + t["decode: one chunk's activations"] + 2 * cache + 2 * video,
+        "DiT backward": held + R + t["DiT call/block recompute + backward"],
+    }
+    return t, phases
+
+
+def face_terms(args):
+    """(weights, bytes saved per face crop with gradient) of the reward's face models, measured on the
+    CPU with one 112x112 crop (the ONNX graphs cannot run on meta)."""
+    if args.method != "ipro" and args.sft_face_weight == 0:
+        return 0, 0
+    faces = reward.load_face_models(args.face_model, args.detector)
+    weights = nbytes(faces.parameters()) + nbytes(faces.buffers())
+    S = faces.embedder.size
+    crop = torch.zeros(1, 3, S, S, requires_grad=True)
+    acts, out = saved_bytes(lambda: faces.embed_crops(crop), skip=list(faces.parameters()))
+    return weights, acts + 2 * nbytes([crop])
+
+
+def fit_advice(args, cfg, t, phases, gpu_gb):
+    """What to change when the plan does not fit: the largest terms and the flags that shrink them."""
+    biggest = max(t, key=t.get)
+    tips = []
+    if args.vae_dtype == "fp32":
+        tips.append("--vae-dtype bf16 (halves the decode terms)")
+    if args.base_dtype == "fp32" and (args.lora_rank > 0 or cfg.experts or args.kl_weight > 0):
+        tips.append("--base-dtype bf16 (halves the frozen weights)")
+    if args.lora_rank == 0:
+        tips.append("more GPUs (FSDP2 shards full fine-tuning: --world-size)")
+    tips.append("fewer --frames or a smaller --size (rollout and decode terms scale with both)")
+    if args.micro_batch > 1:
+        tips.append("--micro-batch 1")
+    return (f"does not fit {gpu_gb:g} GB: needs {max(phases.values()) / GB:,.1f} GB; the largest term is "
+            f"{biggest} ({t[biggest] / GB:,.1f} GB). Try: " + "; ".join(tips))
 
 
 def dry_run(args, cfg, world):
@@ -465,29 +635,18 @@ def dry_run(args, cfg, world):
     if args.method == "ipro":
         # N - K no-grad calls; K calls with backward (2x) and, with checkpointing, a recompute (1x);
         # K reference calls for the KL; CFG doubles the no-grad work (the uncond pass keeps no graph).
-        calls = cfg_mult * N + K * (2 + int(args.checkpointing)) + (K if args.kl_weight > 0 else 0) * cfg_mult
+        recompute = {"off": 0, "block": 1, "call": 2}[args.checkpointing]
+        calls = cfg_mult * N + K * (2 + recompute) + (K if args.kl_weight > 0 else 0) * cfg_mult
     else:
-        calls = 3 + int(args.checkpointing)
-    per_sample = calls * fwd
-    per_step = per_sample * args.batch
-    # Memory per GPU, bytes. LoRA: DDP, every GPU holds the whole model; full: FSDP2 shards it.
-    base_bytes = 2 if args.base_dtype == "bf16" else 4
+        calls = 3 + int(args.checkpointing != "off")
+    per_step = calls * fwd * args.batch
     n_models = len(cfg.experts) or 1
-    if args.lora_rank > 0:
-        weights = n_models * n_params * base_bytes + n_train * (4 + 4 + 8)   # LoRA: fp32 + grad + Adam
-    else:
-        ref = n_params * base_bytes if args.method == "ipro" and args.kl_weight > 0 else 0
-        frozen_experts = (n_models - 1) * n_params * base_bytes
-        weights = (n_params * (4 + 4 + 8) + ref + frozen_experts) / world   # all sharded by FSDP2
-    block_in = L * cfg.dim * 4                                              # fp32 residual stream
-    saved = K * cfg.num_layers * block_in * (1 if args.checkpointing else 12)
-    one_block = L * (6 * cfg.dim + 2 * cfg.ffn_dim) * 2 + L * cfg.dim * 4 * 6   # recompute + modulation
-    vae = 0.7e9 * 4 if cfg.vae == "2.2" else 0.13e9 * 4
-    total = weights + saved + one_block + vae + 2e9                          # + decode chunk, face model, buffers
-    gb = 2**30
+    terms, phases = plan(args, cfg, world)
+    peak = max(phases.values())
     tflops = 0.4 * 989e12                                                   # assumption: 40% of H100 bf16 dense
     trained = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
-    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {trained}")
+    print(f"dry run: {cfg.name}, {args.method}, world size {world}, {trained}, base {args.base_dtype}, "
+          f"VAE {args.vae_dtype}, micro-batch {args.micro_batch}")
     rows = [
         ("parameters per DiT", f"{n_params:,}" + (f" x {n_models} experts" if n_models > 1 else "")),
         ("trainable parameters", f"{n_train:,}"),
@@ -496,15 +655,21 @@ def dry_run(args, cfg, world):
         ("DiT forward per sample", f"{fwd / 1e12:,.1f} TFLOP"),
         ("DiT forward-equivalents per sample", f"{calls}"),
         ("FLOPs per optimizer step (DiT only)", f"{per_step / 1e15:,.1f} PFLOP (batch {args.batch})"),
-        ("memory per GPU (estimate)", f"{total / gb:,.1f} GB = weights/optim {weights / gb:,.1f} + "
-                                      f"saved activations {saved / gb:,.1f} + one block {one_block / gb:,.1f} "
-                                      f"+ VAE {vae / gb:,.1f} + ~2 GB decode/face/buffers"),
         ("time per optimizer step (estimate)", f"{per_step / (world * tflops):,.0f} s at 40% of an H100's "
                                                f"989 TFLOP/s bf16 on each of {world} GPUs "
                                                f"(VAE and face model not counted)"),
+        ("peak memory per GPU (plan)", f"{peak / GB:,.1f} GB, in the {max(phases, key=phases.get)} phase"),
     ]
+    rows += [(f"  phase: {k}", f"{v / GB:,.1f} GB") for k, v in phases.items()]
+    rows += [(f"  term: {k}", f"{v / GB:,.2f} GB") for k, v in terms.items()]
+    if args.gpu_mem:
+        rows.append(("fits", f"yes: {peak / GB:,.1f} of {args.gpu_mem:g} GB ({1 - peak / GB / args.gpu_mem:.0%} "
+                             f"headroom)" if peak / GB <= args.gpu_mem
+                     else "no: " + fit_advice(args, cfg, terms, phases, args.gpu_mem)))
     for k, v in rows:
         print(f"  {k:<38} {v}")
+    if args.gpu_mem and peak / GB > args.gpu_mem:
+        raise SystemExit(1)
     return dict(rows)
 
 

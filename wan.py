@@ -1529,7 +1529,7 @@ class Trace:
 
 def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None, steps=None, shift=None,
              guidance=None, solver="unipc", grad_last_k=0, grad_window="last", return_trace=False,
-             progress=False):
+             progress=False, checkpoint_calls=False):
     """Sample a latent video; the one sampling loop of the repository (sample, train and eval use it).
 
     models: one DiT, or (high_noise, low_noise) for I2V-A14B: the high-noise expert runs while the
@@ -1545,6 +1545,9 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
       "first": steps 0..K-1 keep the graph; the later steps keep the x-path differentiable
         through the DiT too (parameters detached, see frozen), so the gradient reaching the
         first K calls is exact; memory then grows with N (the paper's Table 5 ablation).
+    checkpoint_calls: run each windowed DiT call under activation checkpointing as a whole (nested over
+      the model's per-block checkpoints): until backward only the call's inputs are kept, not every
+      block's input; backward recomputes one call at a time (one more forward per windowed step).
     Returns x_0 (B, C, f, h, w), and with return_trace=True (x_0, Trace).
     Departs from ROLL's loop, which re-seeds its noise every step (a bug) and casts the latent to
     bf16 after each step: here the noise is the caller's and the latent stays float32.
@@ -1588,7 +1591,11 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
         with torch.set_grad_enabled(x_path):
             model = experts[e] if windowed or not x_path else frozen(experts[e])
             x_t = x
-            v = velocity(model, x_t, t_in, context, context_null, y, guides[e])
+            if windowed and checkpoint_calls:
+                v = torch.utils.checkpoint.checkpoint(velocity, model, x_t, t_in, context, context_null, y, guides[e],
+                                                      use_reentrant=False)
+            else:
+                v = velocity(model, x_t, t_in, context, context_null, y, guides[e])
             x = solve.step(v, x_t)
             if z_img is not None:
                 x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
