@@ -296,7 +296,10 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
         _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
                                 grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True, **cond)
-        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
+        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert. TI2V: the
+        # sampler replaces latent frame 0 by the image latent after every step, so its velocity is
+        # never used; it is left out, as in sft_loss.
+        first = 1 if cfg.model_type == "ti2v" else 0
         kl_steps = []
         for s in trace.steps:
             if s["expert"] != len(experts) - 1:
@@ -304,7 +307,7 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
             with torch.no_grad(), (wan.lora_disabled(policy) if ref is None else nullcontext()):
                 v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, context_null,
                                      y=cond.get("y"), guidance=args.guidance)
-            kl_steps.append((s["v"].float() - v_ref.float()).square().mean() / (2 * s["sigma"] ** 2))
+            kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
     video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
     R, n_face, face_frac = face_score(faces, video, batch, args)
@@ -316,7 +319,8 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
 
 def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device, latents=None):
     """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
-    v = eps - x_0, sigma shifted like the sampler's; the first latent frame stays clean (TI2V).
+    v = eps - x_0, sigma shifted like the sampler's (A14B's low-noise expert: below cfg.boundary
+    only); the first latent frame stays clean (TI2V).
     `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
     latents = {} if latents is None else latents
     with torch.no_grad():
@@ -328,6 +332,11 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
     gens = [sample_generator(args.seed, step, i, device) for i in indices]
     eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
     u = torch.stack([torch.rand((), device=device, generator=g) for g in gens])
+    if len(cfg.experts) > 1:
+        # A14B trains the low-noise expert, which runs only below the boundary (sigma < b): u is
+        # drawn in [0, u_b), the u whose shifted sigma is b, so no step is spent where it never samples.
+        b = cfg.boundary
+        u = u * b / (args.shift - (args.shift - 1) * b)
     sigma = args.shift * u / (1 + (args.shift - 1) * u)                         # (B,)
     s = sigma.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * eps

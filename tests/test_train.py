@@ -557,3 +557,65 @@ def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_
     shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
     log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
     assert len(log) == 1 and not log[0]["skipped"]
+
+# -----------------------------------------------------------------------------
+# Where the losses look: the KL skips TI2V's replaced first frame; A14B SFT stays below the boundary
+
+
+class FirstFrameOff(torch.nn.Module):
+    """The reference DiT with its velocity moved on one latent frame only."""
+
+    def __init__(self, dit, frame):
+        super().__init__()
+        self.dit, self.frame = dit, frame
+
+    def forward(self, x, t, context, y=None):
+        v = self.dit(x, t, context, y=y)
+        return v + (torch.arange(v.shape[2]) == self.frame).view(1, 1, -1, 1, 1) * 0.5
+
+
+def tiny_batch():
+    """One random 9-frame 64x64 clip with a random caption embedding, as collate returns it."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, CFG.frame_num, *CFG.size, generator=g) * 2 - 1
+    return dict(video=video, image=video[:, :, 0], context=[torch.randn(5, CFG.text_dim, generator=g)],
+                pool_emb=[torch.zeros(1, 128)], pool_frames=[torch.tensor([1])], clip_id=["x"])
+
+
+def test_kl_ignores_the_first_latent_frame_of_ti2v(monkeypatch):
+    """TI2V: the sampler throws away the velocity of latent frame 0 (the image latent replaces it), so a
+    policy that differs from the reference only there has KL exactly 0; on frame 1 it does not."""
+    monkeypatch.setattr(train, "face_score", lambda faces, video, batch, args: (video.sum() * 0.0, 0, 0.0))
+    torch.manual_seed(0)
+    ref = wan.WanModel(CFG).eval()
+    with torch.no_grad():
+        ref.head.head.weight.normal_(0, 0.1)      # zero-initialised head: make the velocity non-zero
+    vae = wan.build_vae(CFG).eval()
+    args = train.get_args([*COMMON, "--lora-rank", "0"])
+    kls = {}
+    for frame in (0, 1):
+        policy = FirstFrameOff(ref, frame)
+        _, stats = train.ipro_loss(args, CFG, (policy,), policy, ref, vae, None, tiny_batch(), 0, [0], CPU)
+        kls[frame] = stats["kl_steps"]
+    assert len(kls[0]) == args.grad_steps and kls[0] == [0.0] * args.grad_steps
+    assert min(kls[1]) > 0
+
+
+def test_a14b_sft_trains_the_low_noise_expert_below_the_boundary():
+    """A14B's low-noise expert only samples while t < boundary * 1000: SFT draws its noise levels
+    there, spread up to the boundary (tiny experts with A14B's boundary, 64 samples)."""
+    cfg = wan.get_config("tiny", experts=("high_noise_model", "low_noise_model"), boundary=0.9)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, context, y=None):
+            seen.append(t.detach().clone())
+            return torch.zeros_like(x)
+    vae = wan.build_vae(cfg).eval()
+    args = train.get_args([*COMMON, "--method", "sft"])
+    batch = tiny_batch()
+    batch = {**batch, "video": batch["video"].expand(64, -1, -1, -1, -1), "image": batch["image"].expand(64, -1, -1, -1),
+             "context": batch["context"] * 64, "clip_id": ["x"] * 64}
+    train.sft_loss(args, cfg, (Recorder(), Recorder()), None, vae, None, batch, 0, list(range(64)), CPU)
+    t = seen[0].amax(1)                           # (B,): the noisy tokens' timestep (frame 0 has t = 0)
+    assert t.max() < cfg.boundary * 1000 and t.max() > 0.8 * cfg.boundary * 1000 and t.min() >= 0
