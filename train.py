@@ -269,19 +269,22 @@ def trainable_parameters(model):
 
 
 def face_score(faces, video, batch, args):
-    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1]."""
+    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1].
+    Returns (R_face, samples scored, mean face fraction, samples whose input image has no face: with
+    --score first they are not scored, never compared with the pool instead)."""
     every = max(1, args.reward_frames)
-    scores, face_frac = [], []
+    scores, face_frac, no_input_face = [], [], 0
     for b in range(video.shape[0]):
         frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
         out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
                           pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
                           image=batch["image"][b])
         face_frac.append(out["face_frac"])
+        no_input_face += out.get("input_face") is False
         if out["has_face"]:
             scores.append(out["reward"])
     R = torch.stack(scores).mean() if scores else video.sum() * 0.0  # zero, still in the graph
-    return R, len(scores), sum(face_frac) / len(face_frac)
+    return R, len(scores), sum(face_frac) / len(face_frac), no_input_face
 
 
 def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
@@ -310,10 +313,12 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
             kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
     video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
-    R, n_face, face_frac = face_score(faces, video, batch, args)
+    R, n_face, face_frac, no_input_face = face_score(faces, video, batch, args)
     loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
     stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
                  n_face=n_face, graph_calls=trace.graph_calls)
+    if args.score == "first":
+        stats["no_input_face"] = no_input_face
     return loss, stats
 
 
@@ -359,9 +364,11 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
         x0_hat = x_t - s * v
         if cfg.model_type == "ti2v":
             x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
-        R, n_face, face_frac = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
+        R, n_face, face_frac, no_input_face = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
         loss = loss - args.sft_face_weight * R
         stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
+        if args.score == "first":
+            stats["no_input_face"] = no_input_face
     return loss, stats
 
 

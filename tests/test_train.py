@@ -585,7 +585,7 @@ def tiny_batch():
 def test_kl_ignores_the_first_latent_frame_of_ti2v(monkeypatch):
     """TI2V: the sampler throws away the velocity of latent frame 0 (the image latent replaces it), so a
     policy that differs from the reference only there has KL exactly 0; on frame 1 it does not."""
-    monkeypatch.setattr(train, "face_score", lambda faces, video, batch, args: (video.sum() * 0.0, 0, 0.0))
+    monkeypatch.setattr(train, "face_score", lambda faces, video, batch, args: (video.sum() * 0.0, 0, 0.0, 0))
     torch.manual_seed(0)
     ref = wan.WanModel(CFG).eval()
     with torch.no_grad():
@@ -619,3 +619,20 @@ def test_a14b_sft_trains_the_low_noise_expert_below_the_boundary():
     train.sft_loss(args, cfg, (Recorder(), Recorder()), None, vae, None, batch, 0, list(range(64)), CPU)
     t = seen[0].amax(1)                           # (B,): the noisy tokens' timestep (frame 0 has t = 0)
     assert t.max() < cfg.boundary * 1000 and t.max() > 0.8 * cfg.boundary * 1000 and t.min() >= 0
+
+
+def test_score_first_counts_inputs_without_a_face():
+    """--score first: a sample whose input image shows no face is counted and left out of R_face, not
+    scored against the pool; the other sample of the batch is scored as usual."""
+    faces = reward.load_face_models()
+    face = torch.from_numpy(reward.read_image(os.path.join(ROOT, "tests", "assets", "person_a_2.jpg"))).float()
+    face = torch.nn.functional.interpolate(face.permute(2, 0, 1)[None], size=(176, 144), mode="area")[0] / 127.5 - 1
+    video = face[None, :, None].repeat(2, 1, 3, 1, 1)                        # (2, 3, 3, H, W): both show the face
+    pool, _ = faces.embed_images(video[0].transpose(0, 1))
+    batch = dict(pool_emb=[pool, pool], pool_frames=[torch.arange(3)] * 2,
+                 image=torch.stack([face, torch.zeros_like(face)]))           # sample 1: a gray input image
+    R, n_face, _, no_input_face = train.face_score(faces, video, batch, train.get_args(["--score", "first"]))
+    assert (n_face, no_input_face) == (1, 1)
+    alone = train.face_score(faces, video[:1], {k: v[:1] for k, v in batch.items()}, train.get_args(["--score", "first"]))
+    assert R.item() == pytest.approx(alone[0].item(), abs=1e-6)
+    assert train.face_score(faces, video, batch, train.get_args([]))[1:] == (2, 1.0, 0)   # pool mode: both scored
