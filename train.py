@@ -406,7 +406,8 @@ def save_checkpoint(args, cfg, policy, opt, step, rank, log_pos):
     if rank != 0:
         return
     meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "format":
-            "lightning-lora" if args.lora_rank > 0 else "official-dit"}
+            "lightning-lora" if args.lora_rank > 0 else "official-dit",
+            wan.MERGED_LORAS: json.dumps(wan.merged_loras(args.init, args.lora))}
     atomic_save(lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta), weights_file(args))
     state = dict(step=step, optimizer=osd, model=cfg.name, lora_rank=args.lora_rank, method=args.method,
                  rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)))

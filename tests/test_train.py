@@ -636,3 +636,45 @@ def test_score_first_counts_inputs_without_a_face():
     alone = train.face_score(faces, video[:1], {k: v[:1] for k, v in batch.items()}, train.get_args(["--score", "first"]))
     assert R.item() == pytest.approx(alone[0].item(), abs=1e-6)
     assert train.face_score(faces, video, batch, train.get_args([]))[1:] == (2, 1.0, 0)   # pool mode: both scored
+
+
+@pytest.mark.parametrize("rank", ["0", "4"])
+def test_a_lora_merged_into_a_checkpoint_is_not_merged_again(tmp_path, rank):
+    """A checkpoint records (safetensors metadata) the LoRA files merged into its base, by sha256. Full
+    weights trained on a Lightning-merged base already hold it: merging the same file again is refused,
+    naming it; another LoRA still merges; a LoRA checkpoint's base is the official one, so there the
+    file must be merged (and is)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    dit = wan.add_lora(wan.WanModel(CFG), rank=4)
+    for m in dit.modules():
+        if isinstance(m, wan.LoRALinear):
+            torch.nn.init.normal_(m.lora_up.weight, std=0.01)
+    for name, seed in (("lightning.safetensors", 0), ("other.safetensors", 1)):
+        torch.manual_seed(seed)
+        save_file({k: torch.randn_like(v) * 0.01 if "alpha" not in k else v
+                   for k, v in wan.lora_state_dict(dit).items()}, str(tmp_path / name))
+    lightning, other = str(tmp_path / "lightning.safetensors"), str(tmp_path / "other.safetensors")
+    args = train.get_args(["--out", str(tmp_path / "run"), "--lora-rank", rank, "--lora", lightning])
+    os.makedirs(args.out)
+    policy = wan.load_experts(CFG, None, None, args.lora)[0]
+    if rank != "0":
+        wan.add_lora(policy, rank=int(rank))
+    train.save_checkpoint(args, CFG, policy, train.make_optimizer(args, list(policy.parameters())), 1, 0, 0)
+    ckpt = train.weights_file(args)
+    from safetensors import safe_open
+    with safe_open(ckpt, framework="pt") as fh:
+        record = json.loads(fh.metadata()[wan.MERGED_LORAS])
+    assert record == [dict(file="lightning.safetensors", sha256=wan.file_sha256(lightning), expert="low")]
+    if rank == "0":
+        with pytest.raises(ValueError, match=r"lightning\.safetensors.*already has it merged"):
+            wan.load_experts(CFG, None, ckpt, [lightning])
+        shutil.copy(lightning, tmp_path / "renamed.safetensors")           # the same bytes under another name
+        with pytest.raises(ValueError, match="renamed.safetensors"):
+            wan.load_experts(CFG, None, ckpt, [str(tmp_path / "renamed.safetensors")])
+        again = wan.load_experts(CFG, None, ckpt, [other])[0]
+        assert max_diff(again.state_dict(), wan.load_experts(CFG, None, ckpt)[0].state_dict()) > 0
+    else:
+        merged = wan.load_experts(CFG, None, ckpt, [lightning])[0].state_dict()   # the adapter is fresh (a no-op)
+        assert max_diff(merged, wan.load_experts(CFG, None, None, [lightning])[0].state_dict()) == 0
+        assert max_diff(merged, wan.load_experts(CFG, None, ckpt)[0].state_dict()) > 0
