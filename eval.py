@@ -100,7 +100,7 @@ FACESIM_DEFINITION = (
     "videos, faceless videos counting 0. This is ConsisID's FaceSim recipe (eval/get_facesim_fid.py: 16 "
     "evenly spaced frames, largest face, max(0, cos), faceless frames skipped, 0 for a faceless video) "
     "except that ConsisID also scores frame 0.")
-LIGHTNING_STEPS = 8  # Euler steps with a Lightning LoRA: the authors' (ROLL) setting; Lightning itself was distilled for 4
+LIGHTNING_STEPS = 8  # Euler steps with a Lightning LoRA: the authors' (ROLL) setting; Lightning was distilled for 4
 MOTION_SIDE = 256
 THUMB = 96           # height of frame thumbnails in the HTML page, px
 
@@ -550,7 +550,13 @@ def row_loras(ckpt, loras):
     """--lora for one row: all of them, except those a full checkpoint records as merged already
     (wan.MERGED_LORAS): that row then has them once, like the base."""
     inside = {(r["expert"], r["sha256"]) for r in wan.merged_loras(ckpt)} if ckpt else set()
-    keep = [lo for lo in loras if (wan.split_lora_spec(lo)[0], wan.file_sha256(wan.split_lora_spec(lo)[1])) not in inside]
+    if not inside:
+        return list(loras)
+    keep = []
+    for lo in loras:
+        which, path = wan.split_lora_spec(lo)
+        if (which, wan.file_sha256(path)) not in inside:
+            keep.append(lo)
     if len(keep) < len(loras):
         print(f"note: {ckpt} already holds {sorted(set(loras) - set(keep))} (its metadata): not merged again",
               file=sys.stderr)
@@ -800,7 +806,8 @@ def write_reports(args, results, metas, evaluators):
             summary[label][name]["vs_first"] = p and dict(p, ref=generated[0])
     drifts = {name: {label: drift_curve(recs, name) for label, recs in results.items()} for name in evaluators}
     report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()},
-                  facesim_definition=FACESIM_DEFINITION.format(frames=args.eval_frames), sampler=sampler_record(args) if args.ckpt else None,
+                  facesim_definition=FACESIM_DEFINITION.format(frames=args.eval_frames),
+                  sampler=sampler_record(args) if args.ckpt else None,
                   summary=summary,
                   drift={n: {label: {str(t): v for t, v in c.items()} for label, c in d.items()} for n, d in drifts.items()},
                   clips=[m["clip_id"] for m in metas])

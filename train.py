@@ -196,10 +196,11 @@ def check_inputs(args, cfg, world):
                              f"(its text encoder); the {cfg.name} preset needs text width {cfg.text_dim}: "
                              f"run data.py prepare --model {cfg.name}")
         t, _ = data.read_record(path, keys=("pool_emb", "pool_frames"))
-        # R_face never scores against frame 0 (the conditioning image): a pool without another frame is empty.
-        if (args.method == "ipro" or args.sft_face_weight > 0) and not (t["pool_frames"] > 0).any():
-            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} has no face after frame 0 in its pool; "
-                             f"the reward has nothing to compare with (data.py prepare rejects such clips)")
+        # R_face never scores against frame 0 (the conditioning image) nor past the clip's frames.
+        in_clip = (t["pool_frames"] > 0) & (t["pool_frames"] < frames)
+        if (args.method == "ipro" or args.sft_face_weight > 0) and not in_clip.any():
+            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} has no face after frame 0 in its pool "
+                             f"within the {frames} frames used; the reward has nothing to compare with")
         dims.add(t["pool_emb"].shape[-1])
     if len(dims) > 1:
         raise SystemExit(f"--data {args.data}: face pools of different sizes {sorted(dims)} (mixed face models)")
