@@ -29,7 +29,7 @@ first that fails is the manifest's reason:
                      Reading stops at the first such face (the stats cover the frames read).
     few_faces        a face was detected in fewer than --min-face-frac of the frames checked
     occluded         fewer than --min-face-frac of the frames checked show a *visible* face
-    no_pool          no visible face after frame 0 (the pool the reward uses would be empty)
+    no_pool          no face after frame 0 (the pool the reward uses would be empty)
     empty_file / unreadable   a zero-byte file / ffmpeg cannot open or decode it
 
 Occlusion proxy (occlusion_proxy; the paper's VLM is not available offline): a face counts as
@@ -38,17 +38,20 @@ the clip's medoid face (cosine >= --min-face-sim). YuNet keeps high scores and p
 landmarks under masks and hands, but the embedding of a covered face drifts away from the
 person's (measured at 64 px with SFace: eyes covered by a mask texture 0.02-0.45 to a clean face
 of the clip; clean faces of a demo clip to its medoid >= 0.69), so the second test does the work.
-It assumes most faces of a clip are clear; it also drops the faces of a second person in frames
-where that person's face is the largest (stats.outlier_frames counts them). Only visible faces
-enter the pool. The function sees one clip's faces at a time: replace it to plug in a VLM.
+It assumes most faces of a clip are clear; it also counts the faces of a second person in frames
+where that person's face is the largest (stats.outlier_frames). The proxy only decides whether a
+clip is kept: the pool holds every face the detector found (its own confidence threshold, YuNet
+0.7 / SCRFD 0.5, as ROLL pools SCRFD's detections), off-pose and expressive views included, which
+are what FSM exists to reward. The function sees one clip's faces at a time: replace it to plug in a VLM.
 
 A clip whose frame 0 has no face is kept (stats.first_face false): the reward never scores
 against frame 0. ROLL's GT pool masks faceless frames and excludes frame 0, the conditioning
-image; the record keeps every visible face with its frame index in pool_frames, and ClipDataset
-returns the pool without frame 0 (and without frames past the F frames it returns).
+image; the record keeps every detected face with its frame index in pool_frames, and ClipDataset
+returns the pool without frame 0 and without frames past the F frames it returns (empty when the
+clip has no face in frames 1..F-1; never faces from outside the clip).
 
 Record OUT/clips/<clip_id>.safetensors (written to a temporary file, fsynced, then renamed):
-    pool_emb     (N, D) float32   L2-normalised embeddings of the visible faces, frame order
+    pool_emb     (N, D) float32   L2-normalised embeddings of the detected faces, frame order
     pool_frames  (N,)   int64     the frame index of each
     boxes        (N, 4) float32   x1, y1, x2, y2 in the video's pixels
     landmarks    (N, 5, 2) float32  x, y: eyes, nose, mouth corners (reward.py's convention)
@@ -500,12 +503,13 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
     checked = max(meta["checked"], 1)
     keep = [i for i, v in zip(idx, visible.tolist()) if v]
     stats = dict(n_frames=meta["n_frames"], frames_checked=meta["checked"], face_frames=len(idx),
-                 visible_frames=len(keep), detected_frac=round(len(idx) / checked, 4),
+                 visible_frames=len(keep), pool_faces=sum(i > 0 for i in idx),
+                 detected_frac=round(len(idx) / checked, 4),
                  face_frac=round(len(keep) / checked, 4),
                  largest_face_px=round(float(max(confident, default=0.0)), 2), face_limit_px=round(limit, 2),
                  low_score_frames=int((scores < args.min_face_score).sum()),
                  outlier_frames=int(((scores >= args.min_face_score) & ~visible).sum()),
-                 multi_face_frames=sum(found[i][4] > 1 for i in idx), first_face=0 in keep,
+                 multi_face_frames=sum(found[i][4] > 1 for i in idx), first_face=0 in idx,
                  grayscale=meta["gray"], detect_scale=round(meta["scale"], 4), stopped_early=meta["stopped_early"],
                  height=meta["height"], width=meta["width"], fps=meta["fps"])
     line["stats"] = stats
@@ -521,16 +525,18 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
         return {**line, "reason": "occluded",
                 "detail": f"a visible face in {len(keep)}/{meta['checked']} frames checked "
                           f"({stats['low_score_frames']} low-score, {stats['outlier_frames']} unlike the clip's face)"}
-    if not any(i > 0 for i in keep):
-        return {**line, "reason": "no_pool", "detail": "no visible face after frame 0"}
+    if not any(i > 0 for i in idx):
+        return {**line, "reason": "no_pool", "detail": "no face after frame 0"}
 
     caption, identity = caption_and_identity(root, rel, args.caption_table)
     identity = identity or clip_id
     split = split_of(identity, args.eval_identity_set, args.eval_frac)
-    tensors = dict(pool_emb=torch.stack([found[i][3] for i in keep]).float(),       # (N, D)
-                   pool_frames=torch.tensor(keep, dtype=torch.int64),               # (N,)
-                   boxes=torch.from_numpy(np.stack([found[i][0] for i in keep])).float(),      # (N, 4)
-                   landmarks=torch.from_numpy(np.stack([found[i][1] for i in keep])).float(),  # (N, 5, 2)
+    # The pool: every detected face, not only those the occlusion proxy calls visible (the paper pools
+    # the ground-truth video's faces; pruning by likeness to the medoid removes the off-pose views).
+    tensors = dict(pool_emb=torch.stack([found[i][3] for i in idx]).float(),        # (N, D)
+                   pool_frames=torch.tensor(idx, dtype=torch.int64),                # (N,)
+                   boxes=torch.from_numpy(np.stack([found[i][0] for i in idx])).float(),       # (N, 4)
+                   landmarks=torch.from_numpy(np.stack([found[i][1] for i in idx])).float(),   # (N, 5, 2)
                    first_frame=torch.from_numpy(meta["first_frame"]),               # (H, W, 3)
                    context=encode(caption))                                         # (L, text_dim)
     video = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
@@ -647,8 +653,9 @@ def resize_crop(frames, size):
 class ClipDataset(torch.utils.data.Dataset):
     """The clips `prepare` kept in one split. Item k is a dict:
     video (3, F, H, W) and image (3, H, W) float in [-1, 1], context (L, text_dim) float32,
-    pool_emb (N, D) and pool_frames (N,) (frame 0 and frames >= F left out, as ROLL's pool; if
-    that leaves none, all faces after frame 0), caption, clip_id, identity.
+    pool_emb (N, D) and pool_frames (N,) (frame 0 and frames >= F left out, as ROLL's pool; empty
+    when no face is detected in frames 1..F-1, never filled from outside them: train.py refuses such
+    clips, eval.py scores them without FSM), caption, clip_id, identity.
     frames=None reads every frame of the clip; size=None keeps the video's own size.
     cache=True keeps decoded items in memory (small sets, e.g. the demo: no ffmpeg per step)."""
 
@@ -702,7 +709,6 @@ class ClipDataset(torch.utils.data.Dataset):
         video = resize_crop(frames, self.size or frames.shape[1:3])              # (3, F, H, W)
         n = video.shape[1]
         pool = (t["pool_frames"] > 0) & (t["pool_frames"] < n)
-        pool = pool if pool.any() else t["pool_frames"] > 0
         return dict(video=video, image=video[:, 0].clone(), context=t["context"], pool_emb=t["pool_emb"][pool],
                     pool_frames=t["pool_frames"][pool], caption=meta["caption"], clip_id=meta["clip_id"],
                     identity=meta["identity"])

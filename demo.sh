@@ -5,7 +5,7 @@
 # 2. a tiny base image-to-video model trained from scratch with flow matching (the SFT method);
 # 3. IPRO on top of it: 8-step Euler rollouts, gradient through the last 4, face reward + KL;
 # 4. base vs IPRO on the held-out people, with dlib's recognizer (not the reward's SFace), and on
-#    the training people.
+#    the training people; both sampled as IPRO's rollouts are (Euler, 8 steps, no CFG).
 # The tiny model's VAE was fitted once on the training clips (data.py fit-vae) and ships in assets/.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,10 +17,10 @@ python data.py demo --out "$OUT/data" --clips 4
 python train.py $COMMON --method sft --out "$OUT/sft" --steps 2000 --batch 8 --micro-batch 8 --lr 1e-3
 python train.py $COMMON --init "$OUT/sft/model.safetensors" --out "$OUT/ipro" --steps 100 --batch 4 --micro-batch 4 \
     --lr 1e-3
-python eval.py --data "$OUT/data" --model tiny --weights "$OUT/sft/model.safetensors" --vae $VAE \
+python eval.py --data "$OUT/data" --model tiny --solver euler --weights "$OUT/sft/model.safetensors" --vae $VAE \
     --ckpt "$OUT/ipro/model.safetensors" --train-log "$OUT/ipro/train.jsonl" --out "$OUT/eval" > "$OUT/eval.log"
 # The same comparison on 16 clips of the people IPRO trained on: the reward at work, before transfer.
-python eval.py --data "$OUT/data" --split train --max-clips 16 --model tiny --weights "$OUT/sft/model.safetensors" \
+python eval.py --data "$OUT/data" --split train --max-clips 16 --model tiny --solver euler --weights "$OUT/sft/model.safetensors" \
     --vae $VAE --ckpt "$OUT/ipro/model.safetensors" --out "$OUT/eval_train" > "$OUT/eval_train.log"
 echo "== held-out people ($OUT/eval/index.html) =="
 cat "$OUT/eval/table.md"

@@ -8,7 +8,10 @@ With --ckpt, the base model (--model, --weights, --lora) and each checkpoint (fu
 with official key names, or a LoRA, loaded by wan.load_experts) generate one video per eval clip
 into OUT/videos/<label>/ with wan.generate, the repository's one sampling loop: clip k starts
 from the noise of seed + k for every checkpoint, with the clip's image and cached caption
-embedding, and the training sampler (Euler, 8 steps, shift 5, no CFG) unless told otherwise.
+embedding, and one sampler for every row: by default the preset's official one (wan.CONFIGS: UniPC,
+TI2V-5B 50 steps / CFG 5, I2V-A14B 40 steps / CFG 3.5, shift 5; the paper's Table 1 baseline), or with
+--lora (a Lightning LoRA) Lightning's: Euler, 8 steps, shift 5, no CFG. CFG's negative prompt is
+wan.NEG_PROMPT as data.py prepare encoded it (or --negative-prompt). results.json records the sampler.
 With --videos, folders of videos already generated (one <clip_id>.mp4 per clip; label = folder
 name) are scored; both can be given. The eval clips' own videos are always scored too, as the
 reference row "ground truth".
@@ -23,7 +26,8 @@ image, x_hat_i the generated frames and x_j the ground-truth pool faces:
                 image itself in I2V, so it would only measure the copy; a 1-frame video uses 0)
     faces       the largest detected face of each frame in S; I = the frames where one is found
     face rate   |I| / |S|; frames without a face are skipped and counted (no_face_frames)
-    FaceSim     1/|I| sum_{i in I} max(0, cos(phi(x_hat_i), phi(x_img)))     (0 when I is empty)
+    FaceSim     1/|I| sum_{i in I} max(0, cos(phi(x_hat_i), phi(x_img)))     (0 when I is empty;
+                ConsisID's recipe, which also scores frame 0; results.json: facesim_definition)
     drift       the per-frame terms of FaceSim, by frame index: where identity is lost in time
     FSM         1/|I| sum_{i in I} 1/N sum_j cos(phi(x_hat_i), phi(x_j))    (Eq. 5-6, computed by
                 reward.fsm_reward; 0 when I is empty; the pool = faces of the ground-truth clip at
@@ -84,6 +88,19 @@ import reward
 import wan
 
 GT = "ground truth"  # label of the reference row: the eval clips' own videos
+# What FaceSim is here, written into results.json next to the numbers ({frames}: --eval-frames).
+FACESIM_DEFINITION = (
+    "Per video: the frames scored are 1..F-1, thinned to {frames} evenly spaced indices when there are more "
+    "(--eval-frames; 0 = all); frame 0 is the input image itself in I2V and is never scored (a 1-frame video "
+    "scores frame 0). In each scored frame the reward's detector finds the faces and the largest one is embedded "
+    "by the evaluator's recognizer (L2-normalised); the input image's largest face likewise. A frame without "
+    "a face is skipped and counted (no_face_frames). FaceSim of a video = mean over its frames with a face "
+    "of max(0, cos(frame face, input-image face)); 0 when no scored frame has a face; none when the input "
+    "image has no face (no_input_face, left out of the average). FaceSim of a checkpoint = mean over its "
+    "videos, faceless videos counting 0. This is ConsisID's FaceSim recipe (eval/get_facesim_fid.py: 16 "
+    "evenly spaced frames, largest face, max(0, cos), faceless frames skipped, 0 for a faceless video) "
+    "except that ConsisID also scores frame 0.")
+LIGHTNING_STEPS = 8  # Euler steps with a Lightning LoRA: the authors' (ROLL) setting; Lightning was distilled for 4
 MOTION_SIDE = 256
 THUMB = 96           # height of frame thumbnails in the HTML page, px
 
@@ -104,16 +121,27 @@ def get_args(argv=None):
     p.add_argument("--stiff-ratio", type=float, default=0.5, help="stiff: face var below this times the ground truth's")
     p.add_argument("--max-clips", type=int, default=0, help="score at most this many eval clips (0 = all)")
     p.add_argument("--train-log", action="append", default=[], help="train.py's train.jsonl, plotted (repeatable)")
-    # generation (--ckpt): the training sampler by default (train.py: Euler, 8 steps, shift 5, no CFG)
+    # generation (--ckpt): the same sampler for every row; default: the preset's official one
+    # (wan.CONFIGS: UniPC, sample_steps, sample_shift, sample_guide_scale), with --lora Lightning's
     p.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS))
     p.add_argument("--weights", default=None, help="official folder or repo id (default: the preset's repo)")
-    p.add_argument("--lora", action="append", default=[], help="a LoRA merged into every model first, e.g. Lightning")
+    p.add_argument("--lora", action="append", default=[], metavar="[high=|low=]FILE",
+                   help="a distillation LoRA (e.g. Wan2.2-Lightning; a14b: prefix the expert, default low) merged "
+                        "into the base model, and under each LoRA checkpoint; a full checkpoint whose metadata "
+                        "records the same file as merged already holds it and does not get it twice. "
+                        f"Switches the sampler defaults to Lightning's: Euler, {LIGHTNING_STEPS} steps, no CFG")
     p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
     p.add_argument("--frames", type=int, default=None, help="clip length, 4n+1 (default: the preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the preset's")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--solver", default="euler", choices=["euler", "unipc"])
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's; 5b 50, a14b 40, "
+                   f"tiny 8; {LIGHTNING_STEPS} with --lora)")
+    p.add_argument("--shift", type=float, default=None, help="schedule shift (default: the preset's, 5)")
+    p.add_argument("--solver", default=None, choices=["euler", "unipc"],
+                   help="default: unipc (official), euler with --lora")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the preset's; "
+                   "5b 5, a14b 3.5, tiny 1; 1 with --lora)")
+    p.add_argument("--negative-prompt", default=None, help="CFG's negative prompt, encoded with the preset's text "
+                   "encoder (default: wan.NEG_PROMPT as data.py prepare encoded it, DATA/negative_context.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="clip k is generated from seed + k by every checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -486,6 +514,55 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
 # Generation (--ckpt): the base and each checkpoint, same seed per clip
 
 
+def resolve_sampler(args):
+    """Fills --solver/--steps/--shift/--guidance left unset: the preset's official sampler, or
+    Lightning's with --lora. Returns the negative prompt's embedding (L, text_dim) when CFG is on,
+    else None. The same settings serve every generated row, the base included."""
+    cfg = wan.get_config(args.model)
+    lightning = bool(args.lora)
+    args.solver = args.solver or ("euler" if lightning else "unipc")
+    args.steps = args.steps or (LIGHTNING_STEPS if lightning else cfg.sample_steps)
+    args.shift = cfg.sample_shift if args.shift is None else args.shift
+    args.guidance = (1.0 if lightning else cfg.sample_guide_scale) if args.guidance is None else args.guidance
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: at least 1")
+    if args.guidance == 1.0:
+        return None
+    if args.negative_prompt is None:
+        try:
+            return data.read_negative_context(args.data)
+        except FileNotFoundError as err:
+            raise ValueError(f"--guidance {args.guidance}: {err}") from None
+    # The clips' captions were encoded by data.py with this preset's encoder; the negative prompt must match.
+    src = None if cfg.name == "tiny" else args.weights or cfg.repo
+    return data.CaptionEncoder(args.model, src, args.device)(args.negative_prompt)
+
+
+def sampler_record(args):
+    """results.json's account of how the videos were generated."""
+    return dict(solver=args.solver, steps=args.steps, shift=args.shift, guidance=args.guidance,
+                negative_prompt=None if args.guidance == 1.0 else args.negative_prompt
+                or f"wan.NEG_PROMPT, as data.py prepare encoded it ({data.NEGATIVE_CONTEXT})",
+                loras=wan.merged_loras(None, args.lora), rows="the same settings for every generated row")
+
+
+def row_loras(ckpt, loras):
+    """--lora for one row: all of them, except those a full checkpoint records as merged already
+    (wan.MERGED_LORAS): that row then has them once, like the base."""
+    inside = {(r["expert"], r["sha256"]) for r in wan.merged_loras(ckpt)} if ckpt else set()
+    if not inside:
+        return list(loras)
+    keep = []
+    for lo in loras:
+        which, path = wan.split_lora_spec(lo)
+        if (which, wan.file_sha256(path)) not in inside:
+            keep.append(lo)
+    if len(keep) < len(loras):
+        print(f"note: {ckpt} already holds {sorted(set(loras) - set(keep))} (its metadata): not merged again",
+              file=sys.stderr)
+    return keep
+
+
 def check_generation(args, ds, metas):
     """What --ckpt generation needs, checked on the first clip before any model is loaded (the
     dataset gives every clip the same --frames and --size)."""
@@ -503,9 +580,10 @@ def check_generation(args, ds, metas):
 
 
 @torch.no_grad()
-def generate_videos(args, rows, ds, metas):
+def generate_videos(args, rows, ds, metas, neg=None):
     """Fills OUT/videos/<label>/<clip_id>.mp4 with wan.generate, clip k from seed + k for every
-    checkpoint; videos already there are kept (a rerun continues). Returns (label, folder) rows."""
+    checkpoint; videos already there are kept (a rerun continues). neg: CFG's negative context.
+    Returns (label, folder) rows."""
     cfg = wan.get_config(args.model)
     device = torch.device(args.device)
     vae = wan.load_vae(cfg, args.vae or args.weights or cfg.repo, device=device)
@@ -515,15 +593,16 @@ def generate_videos(args, rows, ds, metas):
         os.makedirs(folder, exist_ok=True)
         todo = [m for m in metas if find_video(folder, m["clip_id"]) is None]
         if todo:
-            experts = wan.load_experts(cfg, args.weights or cfg.repo or None, ckpt, args.lora, device)
+            experts = wan.load_experts(cfg, args.weights or cfg.repo or None, ckpt, row_loras(ckpt, args.lora), device)
             for meta in todo:
                 k = meta["index"]
                 try:
                     clip = load_clip(ds, meta)
-                    video = generate_one(cfg, experts, vae, clip, args.seed + k, args, device)
+                    video = generate_one(cfg, experts, vae, clip, args.seed + k, args, device, neg)
                     wan.save_video(os.path.join(folder, safe_name(clip["clip_id"]) + ".mp4"), video, cfg.sample_fps,
                                    metadata=dict(ckpt=ckpt, clip_id=clip["clip_id"], seed=args.seed + k, model=cfg.name,
-                                                 steps=args.steps, shift=args.shift, solver=args.solver, guidance=1.0))
+                                                 steps=args.steps, shift=args.shift, solver=args.solver,
+                                                 guidance=args.guidance, lora=args.lora))
                 except Exception as err:  # the clip is then scored as missing; the run goes on
                     print(f"  {label} / {meta['clip_id']}: generation failed ({type(err).__name__}: {err})", file=sys.stderr)
             del experts
@@ -532,9 +611,9 @@ def generate_videos(args, rows, ds, metas):
     return out_rows
 
 
-def generate_one(cfg, experts, vae, clip, seed, args, device):
-    """One clip's video (3, F, H, W) in [-1, 1] from its image and cached text, without CFG (the
-    training sampler's setting; the cached contexts carry no negative prompt)."""
+def generate_one(cfg, experts, vae, clip, seed, args, device, neg=None):
+    """One clip's video (3, F, H, W) in [-1, 1] from its image and cached text, at the resolved
+    sampler settings (resolve_sampler); neg (L, text_dim) is CFG's unconditional context."""
     image = clip["image_t"].float().to(device)[None]                         # (1, 3, H, W)
     frames, (H, W) = len(clip["gt"]), image.shape[-2:]
     g = torch.Generator(device=device).manual_seed(seed)
@@ -542,8 +621,9 @@ def generate_one(cfg, experts, vae, clip, seed, args, device):
     cond = wan.condition(cfg, vae, image, frames)
     context = clip["context"].float().to(device)
     context = context[None] if context.ndim == 2 else context                # (1, L, text_dim)
-    z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context, steps=args.steps,
-                     shift=args.shift, guidance=1.0, solver=args.solver, **cond)
+    null = None if neg is None else [neg.float().to(device)]
+    z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context, null, steps=args.steps,
+                     shift=args.shift, guidance=args.guidance, solver=args.solver, **cond)
     return vae.decode(z, checkpoint=False)[0]
 
 # -----------------------------------------------------------------------------
@@ -581,14 +661,14 @@ def write_table(summary, evaluators, path):
     for name, (desc, _) in evaluators.items():
         lines += [f"### Identity by {name}: {desc}", "",
                   "| checkpoint | FaceSim ↑ | FSM ↑ | face rate | copy gap | face var | stiff rate | "
-                  "flicker ↑ | motion | videos | no face | failed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "flicker ↑ | motion | videos | no face | no input face | failed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, per in summary.items():
             s = per[name]
             lines.append(f"| {label} | {fmt(s['face_sim'])} | {fmt(s['fsm'])} | {fmt(s['face_rate'], 3)} | "
                          f"{fmt(s['copy_gap'])} | {fmt(s['face_var'])} | {fmt(s['stiff_rate'], 3)} | "
                          f"{fmt(s['flicker'])} | {fmt(s['motion'], 3)} | {s['videos']} | {s['no_face']} | "
-                         f"{len(s['failed'])} |")
+                         f"{s['no_input_face']} | {len(s['failed'])} |")
         lines.append("")
         pairs = [paired_line(label, per[name]["vs_first"]) for label, per in summary.items()
                  if per[name].get("vs_first")]
@@ -725,7 +805,10 @@ def write_reports(args, results, metas, evaluators):
             p = paired_change(results[label], results[generated[0]], name)
             summary[label][name]["vs_first"] = p and dict(p, ref=generated[0])
     drifts = {name: {label: drift_curve(recs, name) for label, recs in results.items()} for name in evaluators}
-    report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()}, summary=summary,
+    report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()},
+                  facesim_definition=FACESIM_DEFINITION.format(frames=args.eval_frames),
+                  sampler=sampler_record(args) if args.ckpt else None,
+                  summary=summary,
                   drift={n: {label: {str(t): v for t, v in c.items()} for label, c in d.items()} for n, d in drifts.items()},
                   clips=[m["clip_id"] for m in metas])
     with open(os.path.join(args.out, "results.json"), "w") as fh:
@@ -748,13 +831,16 @@ def main(argv=None):
         ds, metas = open_clips(args)
         if not metas:
             raise ValueError(f"--data {args.data}: the {args.split!r} split has no clips")
+        neg = None
         if gen:
             check_generation(args, ds, metas)
+            neg = resolve_sampler(args)
         faces_model, evaluators = load_evaluators(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"error: {err}")
     if gen:
-        rows += generate_videos(args, gen, ds, metas)
+        print(f"sampler for every generated row: {json.dumps(sampler_record(args))}")
+        rows += generate_videos(args, gen, ds, metas, neg)
     results = score_all(args, rows, ds, metas, faces_model, evaluators)
     summary = write_reports(args, results, metas, evaluators)
     with open(os.path.join(args.out, "table.md")) as fh:

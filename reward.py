@@ -534,25 +534,29 @@ class FaceReward(nn.Module):
           reward            R_face, scalar with grad (a zero with grad when no face is found)
           scores, mask      s_i and "a face was scored" per frame: (F,), or (F, K) for K pools
           n_faces, face_frac, has_face   how many frames were scored, their fraction, n > 0
-          identity_rewards  (K,) R_face per identity; reward is their mean over those seen"""
+          identity_rewards  (K,) R_face per identity; reward is their mean over those seen
+          input_face        mode "first" with `image`: whether the image shows a face (None otherwise).
+                            Without one nothing is scored (has_face False): falling back to the pool
+                            would turn the w/o-FSM ablation into FSM for that sample."""
         pixels = to_pixels(video, self.device)
         faces = self.detector(pixels.detach())
         single = torch.is_tensor(pool)
         pools = [pool] if single else list(pool)
         pool_frames = [pool_frames] if single or pool_frames is None else list(pool_frames)
         pool_frames = pool_frames * len(pools) if len(pool_frames) == 1 else pool_frames
+        input_face = None
         if mode == "first" and image is not None and single:
             ref, found = self.embed_images(image.unsqueeze(0) if image.ndim == 3 else image)
-            pools = [ref] if bool(found[0]) else pools
+            pools, input_face = [ref], bool(found[0])
         K, n_frames, dev = len(pools), len(faces), self.device
         per_frame = 1 if K == 1 else self.max_faces
         found = [(f, m) for f, fl in enumerate(faces) for m in range(min(len(fl), per_frame))]
         shape = (n_frames,) if single else (n_frames, K)
-        if not found:
+        if not found or input_face is False:
             return dict(reward=pixels.sum() * 0.0,  # a zero that still lets backward() run
                         scores=torch.zeros(shape, device=dev), mask=torch.zeros(shape, dtype=torch.bool, device=dev),
                         n_faces=0, face_frac=0.0, has_face=False,
-                        identity_rewards=torch.zeros(K, device=dev))
+                        identity_rewards=torch.zeros(K, device=dev), input_face=input_face)
         fi, mi = (torch.tensor(v, device=dev) for v in zip(*found))
         lmk = np.stack([faces[f][m].landmarks for f, m in found])
         emb = self.embed_crops(self.align(pixels[fi], lmk))                             # (n, D)
@@ -579,7 +583,7 @@ class FaceReward(nn.Module):
         if single:
             scores, masks = scores[:, 0], masks[:, 0]
         return dict(reward=R_face, scores=scores, mask=masks, n_faces=n, face_frac=n / n_frames, has_face=n > 0,
-                    identity_rewards=rewards)
+                    identity_rewards=rewards, input_face=input_face)
 
 # -----------------------------------------------------------------------------
 # Building the models, reading files

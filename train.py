@@ -209,10 +209,11 @@ def check_inputs(args, cfg, world):
                              f"(its text encoder); the {cfg.name} preset needs text width {cfg.text_dim}: "
                              f"run data.py prepare --model {cfg.name}")
         t, _ = data.read_record(path, keys=("pool_emb", "pool_frames"))
-        # R_face never scores against frame 0 (the conditioning image): a pool without another frame is empty.
-        if (args.method == "ipro" or args.sft_face_weight > 0) and not (t["pool_frames"] > 0).any():
-            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} has no face after frame 0 in its pool; "
-                             f"the reward has nothing to compare with (data.py prepare rejects such clips)")
+        # R_face never scores against frame 0 (the conditioning image) nor past the clip's frames.
+        in_clip = (t["pool_frames"] > 0) & (t["pool_frames"] < frames)
+        if (args.method == "ipro" or args.sft_face_weight > 0) and not in_clip.any():
+            raise SystemExit(f"--data {args.data}: clip {meta['clip_id']} has no face after frame 0 in its pool "
+                             f"within the {frames} frames used; the reward has nothing to compare with")
         dims.add(t["pool_emb"].shape[-1])
     if len(dims) > 1:
         raise SystemExit(f"--data {args.data}: face pools of different sizes {sorted(dims)} (mixed face models)")
@@ -281,19 +282,22 @@ def trainable_parameters(model):
 
 
 def face_score(faces, video, batch, args):
-    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1]."""
+    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1].
+    Returns (R_face, samples scored, mean face fraction, samples whose input image has no face: with
+    --score first they are not scored, never compared with the pool instead)."""
     every = max(1, args.reward_frames)
-    scores, face_frac = [], []
+    scores, face_frac, no_input_face = [], [], 0
     for b in range(video.shape[0]):
         frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
         out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
                           pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
                           image=batch["image"][b])
         face_frac.append(out["face_frac"])
+        no_input_face += out.get("input_face") is False
         if out["has_face"]:
             scores.append(out["reward"])
     R = torch.stack(scores).mean() if scores else video.sum() * 0.0  # zero, still in the graph
-    return R, len(scores), sum(face_frac) / len(face_frac)
+    return R, len(scores), sum(face_frac) / len(face_frac), no_input_face
 
 
 def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
@@ -307,7 +311,10 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
                                 grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True,
                                 checkpoint_calls=args.checkpointing == "call", **cond)
-        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert.
+        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert. TI2V: the
+        # sampler replaces latent frame 0 by the image latent after every step, so its velocity is
+        # never used; it is left out, as in sft_loss.
+        first = 1 if cfg.model_type == "ti2v" else 0
         kl_steps = []
         for s in trace.steps:
             if s["expert"] != len(experts) - 1:
@@ -315,19 +322,22 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
             with torch.no_grad(), (wan.lora_disabled(policy) if ref is None else nullcontext()):
                 v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, context_null,
                                      y=cond.get("y"), guidance=args.guidance)
-            kl_steps.append((s["v"].float() - v_ref.float()).square().mean() / (2 * s["sigma"] ** 2))
+            kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
     video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
-    R, n_face, face_frac = face_score(faces, video, batch, args)
+    R, n_face, face_frac, no_input_face = face_score(faces, video, batch, args)
     loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
     stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
                  n_face=n_face, graph_calls=trace.graph_calls)
+    if args.score == "first":
+        stats["no_input_face"] = no_input_face
     return loss, stats
 
 
 def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device, latents=None):
     """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
-    v = eps - x_0, sigma shifted like the sampler's; the first latent frame stays clean (TI2V).
+    v = eps - x_0, sigma shifted like the sampler's (A14B's low-noise expert: below cfg.boundary
+    only); the first latent frame stays clean (TI2V).
     `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
     latents = {} if latents is None else latents
     with torch.no_grad():
@@ -339,6 +349,11 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
     gens = [sample_generator(args.seed, step, i, device) for i in indices]
     eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
     u = torch.stack([torch.rand((), device=device, generator=g) for g in gens])
+    if len(cfg.experts) > 1:
+        # A14B trains the low-noise expert, which runs only below the boundary (sigma < b): u is
+        # drawn in [0, u_b), the u whose shifted sigma is b, so no step is spent where it never samples.
+        b = cfg.boundary
+        u = u * b / (args.shift - (args.shift - 1) * b)
     sigma = args.shift * u / (1 + (args.shift - 1) * u)                         # (B,)
     s = sigma.view(B, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * eps
@@ -361,9 +376,11 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
         x0_hat = x_t - s * v
         if cfg.model_type == "ti2v":
             x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
-        R, n_face, face_frac = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
+        R, n_face, face_frac, no_input_face = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
         loss = loss - args.sft_face_weight * R
         stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
+        if args.score == "first":
+            stats["no_input_face"] = no_input_face
     return loss, stats
 
 
@@ -401,7 +418,8 @@ def save_checkpoint(args, cfg, policy, opt, step, rank, log_pos):
     if rank != 0:
         return
     meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "format":
-            "lightning-lora" if args.lora_rank > 0 else "official-dit"}
+            "lightning-lora" if args.lora_rank > 0 else "official-dit",
+            wan.MERGED_LORAS: json.dumps(wan.merged_loras(args.init, args.lora))}
     atomic_save(lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta), weights_file(args))
     state = dict(step=step, optimizer=osd, model=cfg.name, lora_rank=args.lora_rank, method=args.method,
                  rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)))

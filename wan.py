@@ -12,6 +12,8 @@ Conventions used everywhere in this file:
     "timestep"), the flow-matching sigma is t itself: x_t = (1 - sigma) * x_0 + sigma * noise,
     and the model predicts the velocity v = noise - x_0.
 """
+import functools
+import hashlib
 import html
 import json
 import math
@@ -570,6 +572,46 @@ def load_dit(cfg, src, expert=None, dtype=torch.float32, device="cpu"):
     return cast_dit(model, dtype).to(device)
 
 
+# Safetensors metadata key of our checkpoints: the LoRA files merged into the base they were trained
+# from (JSON list of {file, sha256, expert}). A full checkpoint holds them inside its weights.
+MERGED_LORAS = "merged_loras"
+
+
+def split_lora_spec(spec):
+    """"high=FILE" / "low=FILE" / "FILE" (= the last, low-noise expert) -> (expert, path)."""
+    return spec.split("=", 1) if spec.startswith(("high=", "low=")) else ("low", spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path, size, mtime):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)  # a rewritten file is hashed again
+
+
+def merged_loras(ckpt=None, loras=()):
+    """What a model built by load_experts(cfg, src, ckpt, loras) has merged into its base: the records
+    of `ckpt` for the expert it holds (when it holds full weights: the last, "low") followed by one
+    {file, sha256, expert} per LoRA spec."""
+    done = []
+    if ckpt and ckpt.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(ckpt, framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != "lightning-lora":
+            done = [r for r in json.loads(meta.get(MERGED_LORAS, "[]")) if r["expert"] == "low"]
+    for spec in loras:
+        which, path = split_lora_spec(spec)
+        done.append(dict(file=os.path.basename(path), sha256=file_sha256(path), expert=which))
+    return done
+
 
 def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float32, last_dtype=None):
     """The DiT (or I2V-A14B's two experts, high noise first) ready to sample: official weights from
@@ -578,7 +620,9 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float3
     ("high=FILE", "low=FILE" or "FILE" = the last expert) merged. Frozen, eval mode.
     Weights are cast (cast_dit: the float32 parts stay float32) to `dtype` (the last expert to
     `last_dtype`, default `dtype`) on the CPU, before the merges and before they reach `device`:
-    A14B's two experts in float32 would need 114 GB."""
+    A14B's two experts in float32 would need 114 GB.
+    A LoRA that the checkpoint's metadata (MERGED_LORAS) says is already inside its weights is refused:
+    merging it again would add the same update twice."""
     experts = []
     names = cfg.experts or (None,)
     dtypes = [dtype] * (len(names) - 1) + [dtype if last_dtype is None else last_dtype]
@@ -594,8 +638,12 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float3
             merge_lora(experts[-1], sd)
         else:
             load_strict(experts[-1], sd, f"fine-tuned weights {ckpt}")
+    inside = {(r["expert"], r["sha256"]): r["file"] for r in merged_loras(ckpt)} if ckpt else {}
     for lora in loras:
-        which, path = lora.split("=", 1) if lora.startswith(("high=", "low=")) else ("low", lora)
+        which, path = split_lora_spec(lora)
+        if inside and (which, file_sha256(path)) in inside:
+            raise ValueError(f"LoRA {path}: {ckpt} already has it merged into its weights (its metadata records "
+                             f"{inside[which, file_sha256(path)]} with the same sha256); leave out --lora {lora}")
         if which == "high" and len(experts) < 2:
             raise ValueError(f"LoRA {lora}: {cfg.name} has one model, no high-noise expert")
         merge_lora(experts[0 if which == "high" else -1], read_state_dict(path))

@@ -184,6 +184,38 @@ def test_every_nth_frame_and_pool_frames(tmp_path, faces, photos):
     t, meta = data.read_record(tmp_path / "out" / "clips" / "a.safetensors")
     assert t["pool_frames"].tolist() == [0, 2, 4, 6, 8] and json.loads(meta["stats"])["frames_checked"] == 5
 
+
+
+def test_pool_keeps_every_detected_face_and_the_dataset_only_the_clips_frames(tmp_path, faces, photos):
+    """The occlusion proxy decides whether a clip is kept, not what its pool holds: a clip with two
+    covered-eye frames (still 7 of 9 visible) pools all 9 faces. A clip whose faces after frame 0 all
+    lie past the frames a ClipDataset returns gets an empty pool there, never faces from outside the clip."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    identity, img, face = photos["t1_2"]
+    covered = {"x": (identity, cover_eyes(img, face), face)}
+    write_mp4(videos / "partly.mp4", list(clip(photos, "t1_2", frames=5)) + list(clip(covered, "x", frames=2, seed=1))
+              + list(clip(photos, "t1_2", frames=2, seed=2)))
+    write_mp4(videos / "late.mp4", list(clip(photos, "t1_2", frames=1)) + list(faceless(photos, 4))
+              + list(clip(photos, "t1_2", frames=4, seed=3)))
+    run_prepare(faces, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
+    lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
+    assert lines["partly.mp4"]["reason"] == lines["late.mp4"]["reason"] == "ok", lines
+    stats = lines["partly.mp4"]["stats"]
+    assert stats["face_frames"] == 9 and stats["visible_frames"] == 7 and stats["pool_faces"] == 8, stats
+    t, _ = data.read_record(tmp_path / "out" / "clips" / "partly.safetensors")
+    assert t["pool_frames"].tolist() == list(range(9))
+    t, _ = data.read_record(tmp_path / "out" / "clips" / "late.safetensors")
+    assert t["pool_frames"].tolist() == [0, 5, 6, 7, 8]
+    items = {}
+    for split in ("train", "eval"):                  # the identity hash decides the split: look in both
+        for frames in (5, 9):
+            ds = data.ClipDataset(tmp_path / "out", split, frames=frames)
+            items.update({(ds[k]["clip_id"], frames): ds[k] for k in range(len(ds))})
+    assert items["late", 5]["pool_frames"].tolist() == [] and items["late", 5]["pool_emb"].shape == (0, 128)
+    assert items["late", 9]["pool_frames"].tolist() == [5, 6, 7, 8]
+    assert items["partly", 5]["pool_frames"].tolist() == [1, 2, 3, 4]
+
 # -----------------------------------------------------------------------------
 # Crash half-way, then resume
 

@@ -366,3 +366,51 @@ def test_on_data_py_demo_clips_a_pasted_face_tops_facesim_but_is_flagged(tmp_pat
     assert pasted["face_sim"] > gt["face_sim"] and pasted["copy_gap"] > gt["copy_gap"] + 0.03
     assert pasted["face_var"] < 0.02 < gt["face_var"] and pasted["stiff_rate"] == 1.0 and gt["stiff_rate"] == 0.0
     assert pasted["motion"] < 0.05 < gt["motion"] and pasted["flicker"] > gt["flicker"]
+
+
+def test_generation_with_cfg_records_its_sampler(eval_set, models, monkeypatch):
+    """--guidance 3 on the tiny preset: CFG with the negative prompt's embedding that data.py prepare
+    writes beside the clips; results.json and every video's JSON record the sampler, the same for
+    every row. Without that file the run stops before loading a model and says so. --lora switches
+    the unset defaults to Lightning's; the 5b preset defaults to its official UniPC 50 / CFG 5."""
+    from safetensors.torch import save_file
+    monkeypatch.setattr(ev, "load_evaluators", lambda args: (models[0], {"reward": models[1]["reward"]}))
+    FakeClips.clips = {"a": dict(gt=clip_frames(["person_a_1"] * 5, size=64))}   # small: four generations
+    cfg = wan.get_config("tiny")
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in wan.build_vae(cfg).state_dict().items()}, str(eval_set / "vae.safetensors"))
+    full = {k: v + 0.05 * torch.randn_like(v) for k, v in wan.WanModel(cfg).state_dict().items()}
+    save_file(full, str(eval_set / "full.safetensors"))
+    argv = ["--data", str(eval_set / "data"), "--max-clips", "1", "--eval-frames", "2", "--vae",
+            str(eval_set / "vae.safetensors"), "--ckpt", str(eval_set / "full.safetensors"), "--model", "tiny"]
+    with pytest.raises(SystemExit, match="--guidance 3.0: .*negative_context.safetensors is missing"):
+        ev.main(argv + ["--out", str(eval_set / "nope"), "--guidance", "3"])
+    save_file({"context": torch.randn(6, cfg.text_dim)}, str(eval_set / "data" / data.NEGATIVE_CONTEXT))
+    out = eval_set / "cfg"
+    ev.main(argv + ["--out", str(out), "--guidance", "3"])
+    report = json.loads((out / "results.json").read_text())
+    want = dict(solver="unipc", steps=cfg.sample_steps, shift=cfg.sample_shift, guidance=3.0)
+    assert {k: report["sampler"][k] for k in want} == want and "NEG_PROMPT" in report["sampler"]["negative_prompt"]
+    assert "frame 0" in report["facesim_definition"] and "max(0, cos" in report["facesim_definition"]
+    for label in ("base", "full"):
+        meta = json.loads((out / "videos" / label / "a.json").read_text())
+        assert {k: meta[k] for k in want} == want
+    # The guidance and the negative context act: the same clip and seed without CFG, or with another
+    # negative context, gives another video (the base's head is zero-initialised: use the checkpoint).
+    args = ev.get_args(argv + ["--out", str(out), "--guidance", "3"])
+    neg = ev.resolve_sampler(args)
+    ds, metas = ev.open_clips(args)
+    clip = ev.load_clip(ds, metas[0])
+    experts = wan.load_experts(cfg, None, str(eval_set / "full.safetensors"))
+    vae = wan.load_vae(cfg, str(eval_set / "vae.safetensors"))
+    videos = [ev.generate_one(cfg, experts, vae, clip, 0, args, "cpu", n) for n in (neg, torch.zeros_like(neg))]
+    args.guidance = 1.0
+    videos.append(ev.generate_one(cfg, experts, vae, clip, 0, args, "cpu"))
+    assert videos[0].shape == (3, 5, 64, 64)
+    assert (videos[0] - videos[1]).abs().max() > 1e-3 and (videos[0] - videos[2]).abs().max() > 1e-3
+    lightning = ev.get_args(["--data", ".", "--out", ".", "--model", "a14b", "--lora", "x.safetensors"])
+    assert ev.resolve_sampler(lightning) is None
+    assert (lightning.solver, lightning.steps, lightning.shift, lightning.guidance) == ("euler", 8, 5.0, 1.0)
+    official = ev.get_args(["--data", str(eval_set / "data"), "--out", ".", "--model", "5b"])
+    assert ev.resolve_sampler(official).shape == (6, cfg.text_dim)        # CFG on: prepare's negative context
+    assert (official.solver, official.steps, official.shift, official.guidance) == ("unipc", 50, 5.0, 5.0)

@@ -320,7 +320,7 @@ def test_score_masks_faceless_frames_and_flags_no_face(model, embeddings):
     nothing = as_video([blank, np.random.default_rng(0).integers(0, 255, blank.shape, dtype=np.uint8)]).requires_grad_(True)
     out = model.score(nothing, embeddings[2:4])
     out["reward"].backward()
-    assert not out["has_face"] and out["n_faces"] == 0 and float(out["reward"]) == 0
+    assert not out["has_face"] and out["n_faces"] == 0 and out["reward"].item() == 0
     assert (nothing.grad == 0).all()
 
 
@@ -335,6 +335,22 @@ def test_score_modes_first_and_aligned(model):
     assert first_img["scores"][0] > 0.9 and first_img["scores"][2] < 0.35
     aligned = model.score(video, pool, mode="aligned")               # frame i vs ground-truth frame i
     assert aligned["scores"][1] > 0.9 and max(aligned["scores"][0], aligned["scores"][2]) < 0.35
+
+
+def test_mode_first_without_a_face_in_the_input_image_scores_nothing(model):
+    """Table 6's w/o FSM: an input image without a face leaves the sample unscored and says so; the
+    ground-truth pool is never used instead (it would score 0.9+ here: the pool is the video's person)."""
+    frames = [cv2.resize(photo(n), (144, 176)) for n in ["person_a_2", "person_a_1"]]
+    pool, _ = model.embed_images(as_video(frames))
+    video = as_video(frames).requires_grad_(True)
+    faceless = as_video([np.full_like(frames[0], 127)])[0]
+    out = model.score(video, pool, mode="first", image=faceless)
+    out["reward"].backward()
+    assert out["input_face"] is False and not out["has_face"] and out["reward"].item() == 0
+    assert not out["mask"].any() and (video.grad == 0).all()
+    with_face = model.score(video, pool, mode="first", image=video[1].detach())
+    assert with_face["input_face"] is True and float(with_face["reward"]) > 0.5
+    assert model.score(video, pool)["input_face"] is None                 # other modes have no input image
 
 
 # -----------------------------------------------------------------------------

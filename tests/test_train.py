@@ -596,3 +596,124 @@ def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_
     shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
     log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
     assert len(log) == 1 and not log[0]["skipped"]
+
+# -----------------------------------------------------------------------------
+# Where the losses look: the KL skips TI2V's replaced first frame; A14B SFT stays below the boundary
+
+
+class FirstFrameOff(torch.nn.Module):
+    """The reference DiT with its velocity moved on one latent frame only."""
+
+    def __init__(self, dit, frame):
+        super().__init__()
+        self.dit, self.frame = dit, frame
+
+    def forward(self, x, t, context, y=None):
+        v = self.dit(x, t, context, y=y)
+        return v + (torch.arange(v.shape[2]) == self.frame).view(1, 1, -1, 1, 1) * 0.5
+
+
+def tiny_batch():
+    """One random 9-frame 64x64 clip with a random caption embedding, as collate returns it."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, CFG.frame_num, *CFG.size, generator=g) * 2 - 1
+    return dict(video=video, image=video[:, :, 0], context=[torch.randn(5, CFG.text_dim, generator=g)],
+                pool_emb=[torch.zeros(1, 128)], pool_frames=[torch.tensor([1])], clip_id=["x"])
+
+
+def test_kl_ignores_the_first_latent_frame_of_ti2v(monkeypatch):
+    """TI2V: the sampler throws away the velocity of latent frame 0 (the image latent replaces it), so a
+    policy that differs from the reference only there has KL exactly 0; on frame 1 it does not."""
+    monkeypatch.setattr(train, "face_score", lambda faces, video, batch, args: (video.sum() * 0.0, 0, 0.0, 0))
+    torch.manual_seed(0)
+    ref = wan.WanModel(CFG).eval()
+    with torch.no_grad():
+        ref.head.head.weight.normal_(0, 0.1)      # zero-initialised head: make the velocity non-zero
+    vae = wan.build_vae(CFG).eval()
+    args = train.get_args([*COMMON, "--lora-rank", "0"])
+    kls = {}
+    for frame in (0, 1):
+        policy = FirstFrameOff(ref, frame)
+        _, stats = train.ipro_loss(args, CFG, (policy,), policy, ref, vae, None, tiny_batch(), 0, [0], CPU)
+        kls[frame] = stats["kl_steps"]
+    assert len(kls[0]) == args.grad_steps and kls[0] == [0.0] * args.grad_steps
+    assert min(kls[1]) > 0
+
+
+def test_a14b_sft_trains_the_low_noise_expert_below_the_boundary():
+    """A14B's low-noise expert only samples while t < boundary * 1000: SFT draws its noise levels
+    there, spread up to the boundary (tiny experts with A14B's boundary, 64 samples)."""
+    cfg = wan.get_config("tiny", experts=("high_noise_model", "low_noise_model"), boundary=0.9)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, context, y=None):
+            seen.append(t.detach().clone())
+            return torch.zeros_like(x)
+    vae = wan.build_vae(cfg).eval()
+    args = train.get_args([*COMMON, "--method", "sft"])
+    batch = tiny_batch()
+    batch = {**batch, "video": batch["video"].expand(64, -1, -1, -1, -1), "image": batch["image"].expand(64, -1, -1, -1),
+             "context": batch["context"] * 64, "clip_id": ["x"] * 64}
+    train.sft_loss(args, cfg, (Recorder(), Recorder()), None, vae, None, batch, 0, list(range(64)), CPU)
+    t = seen[0].amax(1)                           # (B,): the noisy tokens' timestep (frame 0 has t = 0)
+    assert t.max() < cfg.boundary * 1000 and t.max() > 0.8 * cfg.boundary * 1000 and t.min() >= 0
+
+
+def test_score_first_counts_inputs_without_a_face():
+    """--score first: a sample whose input image shows no face is counted and left out of R_face, not
+    scored against the pool; the other sample of the batch is scored as usual."""
+    faces = reward.load_face_models()
+    face = torch.from_numpy(reward.read_image(os.path.join(ROOT, "tests", "assets", "person_a_2.jpg"))).float()
+    face = torch.nn.functional.interpolate(face.permute(2, 0, 1)[None], size=(176, 144), mode="area")[0] / 127.5 - 1
+    video = face[None, :, None].repeat(2, 1, 3, 1, 1)                        # (2, 3, 3, H, W): both show the face
+    pool, _ = faces.embed_images(video[0].transpose(0, 1))
+    batch = dict(pool_emb=[pool, pool], pool_frames=[torch.arange(3)] * 2,
+                 image=torch.stack([face, torch.zeros_like(face)]))           # sample 1: a gray input image
+    R, n_face, _, no_input_face = train.face_score(faces, video, batch, train.get_args(["--score", "first"]))
+    assert (n_face, no_input_face) == (1, 1)
+    alone = train.face_score(faces, video[:1], {k: v[:1] for k, v in batch.items()}, train.get_args(["--score", "first"]))
+    assert R.item() == pytest.approx(alone[0].item(), abs=1e-6)
+    assert train.face_score(faces, video, batch, train.get_args([]))[1:] == (2, 1.0, 0)   # pool mode: both scored
+
+
+@pytest.mark.parametrize("rank", ["0", "4"])
+def test_a_lora_merged_into_a_checkpoint_is_not_merged_again(tmp_path, rank):
+    """A checkpoint records (safetensors metadata) the LoRA files merged into its base, by sha256. Full
+    weights trained on a Lightning-merged base already hold it: merging the same file again is refused,
+    naming it; another LoRA still merges; a LoRA checkpoint's base is the official one, so there the
+    file must be merged (and is)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    dit = wan.add_lora(wan.WanModel(CFG), rank=4)
+    for m in dit.modules():
+        if isinstance(m, wan.LoRALinear):
+            torch.nn.init.normal_(m.lora_up.weight, std=0.01)
+    for name, seed in (("lightning.safetensors", 0), ("other.safetensors", 1)):
+        torch.manual_seed(seed)
+        save_file({k: torch.randn_like(v) * 0.01 if "alpha" not in k else v
+                   for k, v in wan.lora_state_dict(dit).items()}, str(tmp_path / name))
+    lightning, other = str(tmp_path / "lightning.safetensors"), str(tmp_path / "other.safetensors")
+    args = train.get_args(["--out", str(tmp_path / "run"), "--lora-rank", rank, "--lora", lightning])
+    os.makedirs(args.out)
+    policy = wan.load_experts(CFG, None, None, args.lora)[0]
+    if rank != "0":
+        wan.add_lora(policy, rank=int(rank))
+    train.save_checkpoint(args, CFG, policy, train.make_optimizer(args, list(policy.parameters())), 1, 0, 0)
+    ckpt = train.weights_file(args)
+    from safetensors import safe_open
+    with safe_open(ckpt, framework="pt") as fh:
+        record = json.loads(fh.metadata()[wan.MERGED_LORAS])
+    assert record == [dict(file="lightning.safetensors", sha256=wan.file_sha256(lightning), expert="low")]
+    if rank == "0":
+        with pytest.raises(ValueError, match=r"lightning\.safetensors.*already has it merged"):
+            wan.load_experts(CFG, None, ckpt, [lightning])
+        shutil.copy(lightning, tmp_path / "renamed.safetensors")           # the same bytes under another name
+        with pytest.raises(ValueError, match="renamed.safetensors"):
+            wan.load_experts(CFG, None, ckpt, [str(tmp_path / "renamed.safetensors")])
+        again = wan.load_experts(CFG, None, ckpt, [other])[0]
+        assert max_diff(again.state_dict(), wan.load_experts(CFG, None, ckpt)[0].state_dict()) > 0
+    else:
+        merged = wan.load_experts(CFG, None, ckpt, [lightning])[0].state_dict()   # the adapter is fresh (a no-op)
+        assert max_diff(merged, wan.load_experts(CFG, None, None, [lightning])[0].state_dict()) == 0
+        assert max_diff(merged, wan.load_experts(CFG, None, ckpt)[0].state_dict()) > 0
