@@ -334,6 +334,44 @@ def train_step_memory_steps():
         in_child(_train_step_peak_mb, folder, 16), in_child(_train_step_peak_mb, folder, 8), None
 
 
+def _planned_vs_measured_mb(folder, side, frames):
+    """train.py's first IPRO step (tiny preset, fp32, LoRA, batch 1) in this fresh process: peak
+    resident memory growth from just before the models load to the end of the step, and what
+    --dry-run's planner says for the same arguments."""
+    import tempfile
+    import train
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_vae.safetensors")
+    argv = ["--model", "tiny", "--data", folder, "--vae", path, "--dtype", "fp32", "--lora-rank", "8",
+            "--batch", "1", "--steps", "1", "--save-every", "0", "--size", str(side), str(side),
+            "--frames", str(frames), "--out", tempfile.mkdtemp(), "--device", "cpu"]
+    import contextlib
+    import json
+    import reward
+    reward.load_face_models()      # imports what loading needs (onnx, onnx2torch): Python's, not the step's
+    with contextlib.redirect_stdout(open(os.devnull, "w")), contextlib.redirect_stderr(open(os.devnull, "w")):
+        measured = _peak_growth_mb(train.main, (argv,))
+    # The plan takes the worst case, a face in every frame; a random tiny model draws faces in few,
+    # so the plan is given the number the step found.
+    with open(os.path.join(argv[argv.index("--out") + 1], "train.jsonl")) as fh:
+        found = round(json.loads(fh.readline())["face_frac"] * frames)
+    terms, phases = train.plan(train.get_args(argv), wan.get_config("tiny"), 1, face_frames=found)
+    return max(phases.values()) / 2**20, measured
+
+
+@row
+def planner_small():
+    """--dry-run's memory plan against a real step's peak (target: within 20%), 9 x 128 x 128."""
+    planned, measured = in_child(_planned_vs_measured_mb, demo_data(), 128, 9)
+    return "train.py step peak MB, planned vs measured (tiny, 9 x 128 x 128)", planned, measured, None
+
+
+@row
+def planner_large():
+    """The same at 4x the pixels: the planner's terms must scale as the real ones do."""
+    planned, measured = in_child(_planned_vs_measured_mb, demo_data(), 256, 9)
+    return "train.py step peak MB, planned vs measured (tiny, 9 x 256 x 256)", planned, measured, None
+
+
 @row
 def rollout_memory_full():
     """The measurement is sensitive: full backprop through all 16 steps vs the last 4."""

@@ -466,13 +466,16 @@ def nbytes(tensors):
 
 def saved_bytes(fn, skip=()):
     """Bytes autograd saves while fn() runs (each tensor once; `skip`: parameters, held anyway)."""
-    seen, held = set(), {t._cdata for t in skip}
+    def key(t):  # views share a storage; on meta there is none to compare, so the tensor itself
+        return t._cdata if t.device.type == "meta" else t.untyped_storage().data_ptr()
+    seen, held = set(), {key(t) for t in skip}
     total = [0]
 
     def pack(t):
-        if t._cdata not in seen and t._cdata not in held:
-            seen.add(t._cdata)
-            total[0] += t.numel() * t.element_size()
+        k = key(t)
+        if k not in seen and k not in held:
+            seen.add(k)
+            total[0] += t.untyped_storage().nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -541,11 +544,13 @@ def vae_terms(cfg, vae_dtype, f, h, w, batch):
     return nbytes(cache.next.values()), acts + nbytes([out])
 
 
-def plan(args, cfg, world, segment=None, face_bytes_per_crop=None):
+def plan(args, cfg, world, segment=None, face_frames=None):
     """Peak memory per GPU of one IPRO micro-batch as train.py runs it, by term and by phase (bytes).
 
     segment: chunks per checkpointed segment of the VAE decode (None: sqrt(n) as wan.vae_decode;
-    1 reproduces the code measured on the H200, which kept every chunk's cache)."""
+    1 reproduces the code measured on the H200, which kept every chunk's cache).
+    face_frames: frames per sample in which the reward finds a face (None: every scored frame, the
+    worst case)."""
     frames = args.frames or cfg.frame_num
     H, W = args.size or cfg.size
     B, K = args.micro_batch, args.grad_steps
@@ -569,8 +574,7 @@ def plan(args, cfg, world, segment=None, face_bytes_per_crop=None):
     t["KL reference copy"] = frozen / shard if full and args.kl_weight > 0 else 0
     t["grads + Adam (fp32)"] = trainable * 12 / shard
     t["VAE weights"] = nbytes(vae.parameters())
-    if face_bytes_per_crop is None:
-        face_bytes_per_crop = face_terms(args)
+    face_bytes_per_crop = face_terms(args)
     t["face models"] = face_bytes_per_crop[0]
     t["batch (clip, image, text)"] = B * (3 * frames * H * W + 3 * H * W) * 4
     # Rollout: K windowed DiT calls keep a graph until the backward.
@@ -589,7 +593,8 @@ def plan(args, cfg, world, segment=None, face_bytes_per_crop=None):
     t["decode: one chunk's activations"] = chunk_acts
     t["decoded video and its copies"] = 3 * video          # decode output, pixels, aligned gathers
     every = max(1, args.reward_frames)
-    t["face model activations"] = B * math.ceil(frames / every) * face_bytes_per_crop[1]
+    scored = math.ceil(frames / every) if face_frames is None else face_frames
+    t["face model activations"] = B * scored * face_bytes_per_crop[1]
     t["DiT call/block recompute + backward"] = B * block_peak + (kept if args.checkpointing == "call" else 0)
     held = sum(t[k] for k in ("policy weights", "frozen experts", "KL reference copy", "grads + Adam (fp32)",
                               "VAE weights", "face models", "batch (clip, image, text)"))
