@@ -229,8 +229,11 @@ def caption_and_identity(root, rel, table):
     caption, identity = table.get(rel) or table.get(os.path.basename(rel)) or ("", None)
     txt = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
     if os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as fh:
-            caption = fh.read().strip()
+        try:
+            with open(txt, encoding="utf-8") as fh:
+                caption = fh.read().strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"caption {txt} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     return caption, identity
 
 
@@ -528,7 +531,10 @@ def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
     if not any(i > 0 for i in idx):
         return {**line, "reason": "no_pool", "detail": "no face after frame 0"}
 
-    caption, identity = caption_and_identity(root, rel, args.caption_table)
+    try:
+        caption, identity = caption_and_identity(root, rel, args.caption_table)
+    except ValueError as err:   # one bad caption file rejects its clip, not the whole run
+        return {**line, "reason": "bad_caption", "detail": str(err)}
     identity = identity or clip_id
     split = split_of(identity, args.eval_identity_set, args.eval_frac)
     # The pool: every detected face, not only those the occlusion proxy calls visible (the paper pools
@@ -561,6 +567,30 @@ def line_from_record(rel, clip_id, path):
 # prepare: every video of this rank's shard, resumable
 
 
+# prepare's arguments that decide which clips are kept and what their records hold: a re-run into the
+# same --out continues the earlier run, so they must be the same.
+DECISION_ARGS = ("every", "max_frames", "min_frames", "max_face_px", "min_face_frac", "min_face_score",
+                 "min_face_sim", "model", "text_encoder", "face_model", "detector", "eval_identities", "eval_frac")
+
+
+def check_same_filters(args, rank):
+    """OUT/prepare_args.json keeps the first run's decision arguments; a re-run with others is refused
+    (its manifest lines would keep the old decisions for the videos already seen)."""
+    path = os.path.join(args.out, "prepare_args.json")
+    now = {k: args.record_args.get(k) for k in DECISION_ARGS}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            before = json.load(fh)
+        diff = [f"--{k.replace('_', '-')} {before[k]!r} (now {now[k]!r})" for k in DECISION_ARGS
+                if k in before and before[k] != now[k]]
+        if diff:
+            raise SystemExit(f"--out {args.out} was prepared with {', '.join(diff)}; a re-run continues that run and "
+                             f"keeps its decisions: pass the same flags, or use a new --out to prepare with these")
+    elif rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(path, json.dumps(now, indent=1).encode())
+
+
 def prepare(args, faces=None, face_names=None, encode=None):
     """Run `prepare` for this rank; returns a summary dict. faces / encode can be passed in
     preloaded (tests, demo); otherwise they are loaded here."""
@@ -582,6 +612,7 @@ def prepare(args, faces=None, face_names=None, encode=None):
                         if k not in ("caption_table", "eval_identity_set", "record_args", "command")}
     if rank == 0:
         print(json.dumps(args.record_args, indent=1))
+    check_same_filters(args, rank)
     clips = os.path.join(args.out, "clips")
     os.makedirs(clips, exist_ok=True)
     ids = clip_ids(videos)
@@ -812,6 +843,10 @@ def write_demo_videos(args, faces):
 
 def build_demo(args, faces=None, face_names=None):
     """Write the demo videos, then run prepare on them (tiny preset, fixed eval identities)."""
+    for flag, value, least in (("--clips", args.clips, 1), ("--frames", args.frames, 1), ("--size", args.size, 16),
+                               ("--fps", args.fps, 1)):
+        if value < least:
+            raise SystemExit(f"data.py demo {flag} {value}: must be >= {least}")
     t0 = time.time()
     folder = os.path.join(args.out, "videos")
     pre = get_args(["prepare", "--videos", folder, "--out", args.out, "--model", "tiny",

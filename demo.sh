@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-runs/demo}
 VAE=assets/tiny_vae.safetensors
-COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0 --cache-clips"
+# --overwrite: a re-run of the demo trains again from scratch (train.py refuses an existing run without it).
+COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0 --cache-clips --overwrite"
 
 python data.py demo --out "$OUT/data" --clips 4
 python train.py $COMMON --method sft --out "$OUT/sft" --steps 2000 --batch 8 --micro-batch 8 --lr 1e-3

@@ -218,6 +218,49 @@ def read_jsonl(path):
     return out
 
 
+def file_stamp(path):
+    """What identifies a file's content cheaply: size, modification time and a hash of its first and
+    last MiB (a safetensors header holds the step and the run's arguments)."""
+    import hashlib
+    if path is None or not os.path.isfile(path):
+        return path
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(2**20))
+        fh.seek(max(0, st.st_size - 2**20))
+        h.update(fh.read(2**20))
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:16]}"
+
+
+# eval.py arguments that do not change a generated video; every other one (new ones too) is part of
+# the key a cached video must match.
+NOT_GENERATION = {"data", "split", "out", "videos", "ckpt", "evaluator", "face_model", "detector", "eval_frames",
+                  "stiff_ratio", "max_clips", "train_log"}
+
+
+def generation_key(args, ckpt, clip_path, seed):
+    """Everything that produced a video: the checkpoint's, base's, LoRAs' and VAE's files, the clip's
+    record (image and caption embedding), the sampler settings and the seed."""
+    key = {k: v for k, v in vars(args).items() if k not in NOT_GENERATION}
+    key.update(ckpt=file_stamp(ckpt), clip=file_stamp(clip_path), seed=seed,
+               weights=file_stamp(args.weights), vae=file_stamp(args.vae),
+               lora=[file_stamp(lo.split("=", 1)[-1]) for lo in args.lora])
+    return json.loads(json.dumps(key))
+
+
+def cached_video(folder, clip_id, key):
+    """FOLDER/<clip_id>.mp4 if the JSON beside it says it was made with exactly `key`, else None."""
+    path = find_video(folder, clip_id)
+    if path is None:
+        return None
+    try:
+        with open(os.path.splitext(path)[0] + ".json") as fh:
+            return path if json.load(fh).get("key") == key else None
+    except (OSError, ValueError):
+        return None
+
+
 def checkpoint_label(path):
     """A row's name: the file's stem, or its folder's name for train.py's fixed file names
     (runs/demo/ipro/model.safetensors -> "ipro")."""
@@ -250,7 +293,16 @@ def check_inputs(args):
             raise FileNotFoundError(f"--train-log {log}: no such file")
     if args.eval_frames < 0:
         raise ValueError("--eval-frames must be >= 0")
-    os.makedirs(args.out, exist_ok=True)
+    # A real file, not os.access (root passes it on read-only mounts): fail before hours of scoring.
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--out {args.out} is not a writable folder: {err}") from None
+    if gen:
+        wan.check_device(args.device)
     return rows, gen
 
 # -----------------------------------------------------------------------------
@@ -486,7 +538,8 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
         for label, folder in rows:
             path = None if folder is None else find_video(folder, meta["clip_id"])
             key = (label, meta["clip_id"])
-            if key in done and done[key].get("video") == path:       # scored by an earlier run
+            # Scored by an earlier run, from this very file (a regenerated video has another stamp).
+            if key in done and done[key].get("video") == path and done[key].get("stamp") == file_stamp(path):
                 results[label].append(done[key])
                 continue
             t0 = time.time()
@@ -502,7 +555,8 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
                 rec = dict(clip_id=meta["clip_id"], error=f"{type(err).__name__}: {first_line}", eval={})
                 print(f"  {label} / {meta['clip_id']}: skipped ({rec['error']})", file=sys.stderr)
-            rec.update(label=label, video=path, settings=settings, seconds=round(time.time() - t0, 2))
+            rec.update(label=label, video=path, stamp=file_stamp(path), settings=settings,
+                       seconds=round(time.time() - t0, 2))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             results[label].append(rec)
@@ -591,7 +645,10 @@ def generate_videos(args, rows, ds, metas, neg=None):
     for label, ckpt in rows:
         folder = os.path.join(args.out, "videos", safe_name(label))
         os.makedirs(folder, exist_ok=True)
-        todo = [m for m in metas if find_video(folder, m["clip_id"]) is None]
+        # A video already there is reused only if everything that made it is the same as now.
+        keys = {m["clip_id"]: generation_key(args, ckpt, ds.records[m["index"]][0], args.seed + m["index"])
+                for m in metas}
+        todo = [m for m in metas if cached_video(folder, m["clip_id"], keys[m["clip_id"]]) is None]
         if todo:
             experts = wan.load_experts(cfg, args.weights or cfg.repo or None, ckpt, row_loras(ckpt, args.lora), device)
             for meta in todo:
@@ -599,10 +656,13 @@ def generate_videos(args, rows, ds, metas, neg=None):
                 try:
                     clip = load_clip(ds, meta)
                     video = generate_one(cfg, experts, vae, clip, args.seed + k, args, device, neg)
+                    if not torch.isfinite(video).all():   # a diverged checkpoint: no row of black videos
+                        raise SystemExit(f"error: {label} ({ckpt or 'base'}): clip {clip['clip_id']} came out with "
+                                         f"non-finite values (NaN or inf); the weights diverged")
                     wan.save_video(os.path.join(folder, safe_name(clip["clip_id"]) + ".mp4"), video, cfg.sample_fps,
                                    metadata=dict(ckpt=ckpt, clip_id=clip["clip_id"], seed=args.seed + k, model=cfg.name,
                                                  steps=args.steps, shift=args.shift, solver=args.solver,
-                                                 guidance=args.guidance, lora=args.lora))
+                                                 guidance=args.guidance, lora=args.lora, key=keys[meta["clip_id"]]))
                 except Exception as err:  # the clip is then scored as missing; the run goes on
                     print(f"  {label} / {meta['clip_id']}: generation failed ({type(err).__name__}: {err})", file=sys.stderr)
             del experts
@@ -840,7 +900,10 @@ def main(argv=None):
         raise SystemExit(f"error: {err}")
     if gen:
         print(f"sampler for every generated row: {json.dumps(sampler_record(args))}")
-        rows += generate_videos(args, gen, ds, metas, neg)
+        try:
+            rows += generate_videos(args, gen, ds, metas, neg)
+        except (ValueError, FileNotFoundError, KeyError) as err:    # e.g. a checkpoint that does not load
+            raise SystemExit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
     results = score_all(args, rows, ds, metas, faces_model, evaluators)
     summary = write_reports(args, results, metas, evaluators)
     with open(os.path.join(args.out, "table.md")) as fh:

@@ -606,7 +606,8 @@ def load_face_models(face_model=None, detector=None, face_kind=None, device="cpu
 
 
 def read_image(path):
-    """Any image file -> uint8 RGB (H, W, 3): grayscale, alpha (composited onto black), 16-bit
+    """Any image file -> uint8 RGB (H, W, 3): grayscale, alpha (composited onto white, as wan.load_image
+    and image viewers do), 16-bit
     and float files included; shrunk to MAX_IMAGE_SIDE. ValueError if it is not an image."""
     import cv2
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
@@ -633,7 +634,7 @@ def read_image(path):
         x = np.nan_to_num(img.astype(np.float32))
         x = x / 255.0 if x.max() > 1.0 else x
     if x.shape[2] in (2, 4):
-        x = x[..., :-1] * x[..., -1:]
+        x = x[..., :-1] * x[..., -1:] + (1.0 - x[..., -1:])
     x = np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x[..., :3]
     return np.ascontiguousarray(np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8))
 
@@ -683,6 +684,8 @@ def _fail(args, message, code):
 
 
 def main(args):
+    if args.max_frames < 0:
+        return _fail(args, f"--max-frames {args.max_frames}: must be >= 0 (0 = every frame)", 2)
     try:
         a = read_video(args.a, args.max_frames) if is_video(args.a) else read_image(args.a)[None]
         b = read_video(args.b, args.max_frames) if is_video(args.b) else read_image(args.b)[None]

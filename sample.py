@@ -77,6 +77,11 @@ def fill_and_check(args, cfg):
         raise ValueError(f"--frames {args.frames}: the VAE needs 4n+1 frames (e.g. 81, 121)")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: at least 1")
+    if not args.shift > 0:
+        raise ValueError(f"--shift {args.shift}: must be > 0 (the schedule divides by it; official: 5)")
+    if not args.guidance > 0:
+        raise ValueError(f"--guidance {args.guidance}: must be > 0 (1 = off)")
+    wan.check_device(args.device)
     try:
         size = tuple(int(v) for v in args.size.lower().replace("x", "*").split("*"))
         assert len(size) == 2 and min(size) > 0
@@ -88,12 +93,23 @@ def fill_and_check(args, cfg):
     step = cfg.vae_stride[1] * cfg.patch_size[1]
     if size[0] % step or size[1] % step:
         raise ValueError(f"--size {size[0]}*{size[1]}: sides must be multiples of {step}")
+    # The decoded video alone, in float32 (with its uint8 copy for the encoder), must fit in memory.
+    need = args.frames * size[0] * size[1] * 3 * (4 + 1)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"--frames {args.frames}: the decoded video alone needs {need / 2**30:.0f} GiB, more than "
+                         f"this machine's {have / 2**30:.0f} GiB of memory (official: {cfg.frame_num} frames)")
     # The JSON goes beside the video with its extension swapped: an --out of x.json would overwrite it.
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: must end in .mp4")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out {args.out}: folder {out_dir} does not exist or is not writable")
+    # The settings JSON replaces only a settings JSON: never the user's own notes.json beside notes.mp4.
+    meta = os.path.splitext(args.out)[0] + ".json"
+    if os.path.exists(meta) and not written_here(meta):
+        raise ValueError(f"--out {args.out}: {meta} exists and is not a settings file of sample.py; the settings "
+                         f"would replace it: move it or choose another --out")
     for lora in args.lora:
         path = lora.split("=", 1)[1] if lora.startswith(("high=", "low=")) else lora
         if not os.path.isfile(path):
@@ -101,6 +117,17 @@ def fill_and_check(args, cfg):
     if args.ckpt and not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
     return size
+
+
+def written_here(path):
+    """Whether the JSON file at path is one that sample.py wrote (its marker; older ones by their keys)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("written_by") == "sample.py" or
+                                       {"prompt", "seed", "steps", "image", "fps"} <= meta.keys())
 
 
 def fail(err):
@@ -164,8 +191,11 @@ def main(argv=None):
                          shift=args.shift, guidance=args.guidance, solver=args.solver, progress=True, **cond)
     video = vae.decode(z, checkpoint=False)[0]                             # (3, F, H, W)
     meta = dict(vars(args), image=os.path.abspath(args.image), height=H, width=W, fps=cfg.sample_fps,
-                seconds=round(time.time() - t0, 2))
-    wan.save_video(args.out, video, cfg.sample_fps, metadata=meta)
+                seconds=round(time.time() - t0, 2), written_by="sample.py")
+    try:
+        wan.save_video(args.out, video, cfg.sample_fps, metadata=meta)      # refuses a non-finite video
+    except ValueError as err:
+        fail(err)
     print(f"wrote {args.out} ({args.frames} frames, {H}x{W}, seed {args.seed})")
     return video
 

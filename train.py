@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -63,7 +64,12 @@ def get_args(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="[high=|low=]FILE",
                    help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
     p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt exactly")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (its checkpoint "
+                   "and settings; --steps may grow)")
+    p.add_argument("--resume-override", action="store_true", help="--resume with settings that differ from the "
+                   "stored ones (lr, seed, batch, ...): the new ones apply from the resumed step on")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, "
+                   "an --out that holds a run is refused unless --resume)")
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
     p.add_argument("--world-size", type=int, default=None, help="--dry-run: the GPU count to plan for")
     # method and ablations
@@ -184,6 +190,35 @@ def check_inputs(args, cfg, world):
     for CFG or None), or SystemExit saying what is wrong."""
     if not args.data:
         raise SystemExit("--data is required (a data.py output folder)")
+    try:
+        wan.check_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    for flag, value, ok, need in [
+            ("--steps", args.steps, args.steps >= 1, ">= 1"), ("--batch", args.batch, args.batch >= 1, ">= 1"),
+            ("--micro-batch", args.micro_batch, args.micro_batch >= 1, ">= 1"), ("--lr", args.lr, args.lr > 0, "> 0"),
+            ("--warmup", args.warmup, args.warmup >= 0, ">= 0"), ("--shift", args.shift, args.shift > 0, "> 0"),
+            ("--sample-steps", args.sample_steps, args.sample_steps >= 1, ">= 1"),
+            ("--grad-steps", args.grad_steps, 1 <= args.grad_steps <= args.sample_steps,
+             f"between 1 and --sample-steps {args.sample_steps}"),
+            ("--guidance", args.guidance, args.guidance > 0, "> 0"),
+            ("--grad-clip", args.grad_clip, args.grad_clip > 0, "> 0"),
+            ("--reward-scale", args.reward_scale, args.reward_scale != 0, "non-zero"),
+            ("--lora-rank", args.lora_rank, args.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+            ("--save-every", args.save_every, args.save_every >= 0, ">= 0 (0 = only at the end)"),
+            ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1")]:
+        if not ok or not math.isfinite(value):
+            raise SystemExit(f"{flag} {value}: must be {need}")
+    if args.resume_override and not args.resume:
+        raise SystemExit("--resume-override is a choice for --resume; without --resume it means nothing")
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite: continue the run in --out, or replace it, not both")
+    # A finished or interrupted run is never replaced by accident: its log and checkpoint are the result.
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(args.out, f))
+             and os.path.getsize(os.path.join(args.out, f)) > 0]
+    if found and not (args.resume or args.overwrite):
+        raise SystemExit(f"--out {args.out} already holds a training run ({', '.join(found)}): pass --resume to "
+                         f"continue it, --overwrite to replace it, or another --out")
     frames = args.frames or cfg.frame_num
     size = tuple(args.size or cfg.size)
     step = cfg.vae_stride[1] * cfg.patch_size[1]
@@ -386,17 +421,33 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
 
 # -----------------------------------------------------------------------------
 # Checkpoints: trainable weights as safetensors (official names / Lightning LoRA layout) and a
-# resume file; both written atomically from rank 0, from the unwrapped module.
+# resume file, written from rank 0 from the unwrapped module. The two are one unit: both are
+# written in full to temporary files first, then renamed, resume.pt last; both carry the same
+# save id, and --resume refuses a pair whose ids differ (a save cut between the two renames is
+# finished from the complete temporary resume file it left).
+
+RUN_FILES = ("train.jsonl", "resume.pt", "model.safetensors", "lora.safetensors")
 
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def atomic_save(write, path):
+def write_temp(write, path):
+    """write(tmp) to a temporary file beside path; returns its name. Mode as any file the user writes
+    (safetensors creates its files 0600)."""
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
-    os.replace(tmp, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def temp_files(out):
+    """Temporary checkpoint files left in OUT by a run killed while saving."""
+    return [os.path.join(out, n) for n in sorted(os.listdir(out))
+            if any(n.startswith(f + ".tmp") for f in RUN_FILES)] if os.path.isdir(out) else []
 
 
 def weights_file(args):
@@ -417,24 +468,73 @@ def save_checkpoint(args, cfg, policy, opt, step, rank, log_pos):
     sd, osd = model_and_optim_state(args, policy, opt)   # collective under FSDP: every rank calls it
     if rank != 0:
         return
-    meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "format":
-            "lightning-lora" if args.lora_rank > 0 else "official-dit",
+    save_id = f"{step}-{os.urandom(6).hex()}"
+    meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "save_id": save_id,
+            "format": "lightning-lora" if args.lora_rank > 0 else "official-dit",
             wan.MERGED_LORAS: json.dumps(wan.merged_loras(args.init, args.lora))}
-    atomic_save(lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta), weights_file(args))
     state = dict(step=step, optimizer=osd, model=cfg.name, lora_rank=args.lora_rank, method=args.method,
-                 rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)))
-    atomic_save(lambda p: torch.save(state, p), os.path.join(args.out, "resume.pt"))
+                 rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)), save_id=save_id)
+    resume = os.path.join(args.out, "resume.pt")
+    tmp_w = write_temp(lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta),
+                       weights_file(args))
+    tmp_r = write_temp(lambda p: torch.save(state, p), resume)
+    os.replace(tmp_w, weights_file(args))
+    os.replace(tmp_r, resume)
+
+
+# Settings that may differ on --resume: where and how long it runs, logging, and how it computes
+# the same numbers. Every other argument (new ones too) changes the trajectory and is compared.
+RESUME_FREE = {"steps", "out", "resume", "resume_override", "overwrite", "save_every", "sample_every",
+               "max_bad_steps", "wandb", "tensorboard", "device", "threads", "cache_clips", "dry_run",
+               "world_size", "gpu_mem", "compile", "checkpointing"}
+
+
+def changed_settings(args, stored):
+    """[(flag, stored value, this run's value)] of the trajectory-changing arguments that differ."""
+    now = json.loads(json.dumps(vars(args)))      # as stored: tuples become lists
+    return [(f"--{k.replace('_', '-')}", stored[k], now[k]) for k in sorted(now)
+            if k not in RESUME_FREE and k in stored and stored[k] != now[k]]
 
 
 def check_resume(args, cfg):
-    """Read OUT/resume.pt and refuse one from another model, method or LoRA rank before any compute."""
-    path = os.path.join(args.out, "resume.pt")
-    if not os.path.exists(path) or not os.path.exists(weights_file(args)):
-        raise SystemExit(f"--resume: no {path} with {weights_file(args)} beside it")
+    """Read OUT/resume.pt, check that the weights beside it come from the same save, and refuse one
+    from another model, method, LoRA rank or with other settings, before any compute."""
+    from safetensors import safe_open
+    path, wpath = os.path.join(args.out, "resume.pt"), weights_file(args)
+    if not os.path.exists(path) or not os.path.exists(wpath):
+        raise SystemExit(f"--resume: no {path} with {wpath} beside it")
+    with safe_open(wpath, "pt") as fh:
+        w_meta = fh.metadata() or {}
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if w_meta.get("save_id") != state.get("save_id") or w_meta.get("step") != str(state["step"]):
+        # Killed between the two renames: the complete resume file of the weights' save is still there.
+        for tmp in temp_files(args.out):
+            if os.path.basename(tmp).startswith("resume.pt.tmp"):
+                try:
+                    cand = torch.load(tmp, map_location="cpu", weights_only=True)
+                except Exception:   # cut short by the kill
+                    continue
+                if cand.get("save_id") is not None and cand.get("save_id") == w_meta.get("save_id"):
+                    os.replace(tmp, path)
+                    print(f"--resume: finished the save of step {cand['step']} that was cut between its files")
+                    state = cand
+                    break
+        else:
+            raise SystemExit(f"--resume: {wpath} is from step {w_meta.get('step')} but {path} from step "
+                             f"{state['step']} (a save was cut between the two); resuming would mix them. Start "
+                             f"again with --overwrite (or from these weights with --init)")
     for key, want in (("model", cfg.name), ("lora_rank", args.lora_rank), ("method", args.method)):
         if state[key] != want:
             raise SystemExit(f"--resume: {path} was written with {key}={state[key]!r}, this run has {want!r}")
+    changed = changed_settings(args, json.loads(state.get("args", "{}")))
+    if changed:
+        diff = ", ".join(f"{flag} {old!r} -> {new!r}" for flag, old, new in changed)
+        if not args.resume_override:
+            raise SystemExit(f"--resume: settings differ from the run in {args.out}: {diff}; they change the "
+                             f"training from here on: pass the stored values, or --resume-override to accept them")
+        print(f"--resume-override: continuing with {diff}")
+    for tmp in temp_files(args.out):     # partial files of a save that was cut: the checkpoint above is whole
+        os.remove(tmp)
     return state
 
 
@@ -749,7 +849,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset, pool_dim, neg = check_inputs(args, cfg, world)
-    state = check_resume(args, cfg) if args.resume else None
+    state = None
+    if args.resume:
+        # Rank 0 may finish a save that was cut (check_resume renames its file): the others read after it.
+        state = check_resume(args, cfg) if master else None
+        if ddp:
+            dist.barrier()
+        state = state or check_resume(args, cfg)
 
     torch.manual_seed(args.seed)
     try:
@@ -776,7 +882,13 @@ def main(argv=None):
     if state is not None:
         restore(args, policy, opt, state)
         start, log_pos = state["step"], state["log_pos"]
+    saved = start
     log_path = os.path.join(args.out, "train.jsonl")
+    if master and args.overwrite:
+        for path in [os.path.join(args.out, f) for f in RUN_FILES] + temp_files(args.out):
+            if os.path.isfile(path):
+                os.remove(path)
+        shutil.rmtree(os.path.join(args.out, "samples"), ignore_errors=True)
     if master:
         with open(log_path, "a+") as fh:       # drop log lines written after the checkpoint we resume
             fh.truncate(log_pos)
@@ -841,19 +953,25 @@ def main(argv=None):
             for tr in trackers:
                 tr(record)
         if bad >= args.max_bad_steps:
+            kept = f"the last checkpoint (step {saved}) is intact" if saved else \
+                "no checkpoint was written (check the starting weights: --init, --weights, --lora)"
             raise SystemExit(f"stopping: {bad} non-finite steps in a row (last loss {loss_sum}); "
-                             f"the weights were not updated by them and the last checkpoint is intact")
+                             f"the weights were not updated by them and {kept}")
         last = step + 1 == args.steps
         if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
+            saved = step + 1
         if args.sample_every and (step + 1) % args.sample_every == 0:
             write_sample(args, cfg, experts, vae, dataset, step + 1, device, master, neg)
         if stop["flag"]:
             if master:
-                print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting")
+                print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting (continue with --resume)")
             break
     if ddp:
         dist.destroy_process_group()
+    if stop["flag"]:
+        # Not 0: a chained command (demo.sh, `train && eval`) must not go on from an unfinished run.
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def open_trackers(args):

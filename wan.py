@@ -462,11 +462,38 @@ def split_lora(sd):
     return groups
 
 
+def lora_module(model, name, g, what):
+    """The layer a LoRA group adapts, after checking the group fits it; ValueError naming the file
+    (`what`) and the module otherwise."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{what}: {name} is not a layer of the model (an unknown module)") from None
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{what}: {name} is a {type(module).__name__}, not a linear layer a LoRA can adapt")
+    if ("down" in g) != ("up" in g):
+        raise ValueError(f"{what}: {name} has lora_{'down' if 'down' in g else 'up'} without "
+                         f"lora_{'up' if 'down' in g else 'down'}")
+    out_f, in_f = module.weight.shape
+    if "down" in g:
+        down, up = g["down"].flatten(1), g["up"].flatten(1)
+        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != in_f or up.shape[0] != out_f:
+            raise ValueError(f"{what}: {name} has lora_down {tuple(g['down'].shape)} and lora_up "
+                             f"{tuple(g['up'].shape)}; the layer is {out_f}x{in_f} (out x in)")
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"{what}: {name} has lora_down of rank {down.shape[0]} but lora_up of rank "
+                             f"{up.shape[1]}")
+    for part, shape in (("diff", (out_f, in_f)), ("diff_b", (out_f,))):
+        if part in g and tuple(g[part].shape) != shape:
+            raise ValueError(f"{what}: {name}.{part} has shape {tuple(g[part].shape)}, the layer needs {shape}")
+    return module
+
+
 @torch.no_grad()
-def merge_lora(model, sd, scale=1.0):
+def merge_lora(model, sd, scale=1.0, what="LoRA"):
     """Fold a Lightning-format LoRA into the weights: W += scale * alpha/rank * up @ down (float32)."""
     for name, g in split_lora(sd).items():
-        module = model.get_submodule(name)
+        module = lora_module(model, name, g, what)
         if "down" in g:
             down, up = g["down"].float(), g["up"].float()
             alpha = float(g["alpha"]) if "alpha" in g else down.shape[0]
@@ -479,14 +506,16 @@ def merge_lora(model, sd, scale=1.0):
     return model
 
 
-def load_lora_into(model, sd):
+def load_lora_into(model, sd, what="LoRA"):
     """Load a Lightning-format LoRA into a model that has adapters (add_lora) of the same rank."""
     for name, g in split_lora(sd).items():
-        m = model.get_submodule(name)
+        m = lora_module(model, name, g, what)
         if not isinstance(m, LoRALinear):
-            raise KeyError(f"{name} has no adapter; call add_lora with matching targets first")
+            raise KeyError(f"{what}: {name} has no adapter; call add_lora with matching targets first")
+        if "down" not in g:
+            raise ValueError(f"{what}: {name} has no lora_down/lora_up pair to load into the adapter")
         if g["down"].shape != m.lora_down.weight.shape:
-            raise ValueError(f"{name}: LoRA rank {g['down'].shape[0]} != model adapter rank {m.rank}")
+            raise ValueError(f"{what}: {name}: LoRA rank {g['down'].shape[0]} != model adapter rank {m.rank}")
         with torch.no_grad():
             m.lora_down.weight.copy_(g["down"])
             m.lora_up.weight.copy_(g["up"])
@@ -516,8 +545,44 @@ def resolve(src, patterns):
         ) from None
 
 
+def check_device(name):
+    """torch.device(name) (None stays None), or ValueError when this machine cannot run on it."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def read_state_dict(path):
-    """safetensors file, sharded safetensors folder (with its index), or an official .pth."""
+    """safetensors file, sharded safetensors folder (with its index), or an official .pth.
+    A file that is not one of them (text, cut short, pickled objects) is a ValueError naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights {path} do not exist")
+    try:
+        sd = _read_state_dict(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            raise ValueError(f"weights {path}: the file holds pickled Python objects that torch.load(weights_only=True) "
+                             f"will not run; save a plain state dict of tensors (or .safetensors)") from None
+        raise ValueError(f"weights {path}: not a readable {os.path.splitext(path)[1] or 'weights'} file, "
+                         f"corrupt or cut short? ({type(err).__name__}: {first})") from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"weights {path}: expected a flat dict of tensors (a state dict), found "
+                         f"{type(sd).__name__} {sorted(sd)[:4] if isinstance(sd, dict) else ''}")
+    return sd
+
+
+def _read_state_dict(path):
     from safetensors.torch import load_file
     if os.path.isdir(path):
         index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
@@ -551,6 +616,10 @@ def load_strict(model, sd, what):
     for k, v in expected.items():
         if v.shape != sd[k].shape:
             raise ValueError(f"{what}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}")
+    if not any(v.is_meta for v in expected.values()):
+        # Into a built model (fine-tuned weights over the base): keep its dtype, e.g. fp16 into fp32
+        # weights, which would otherwise leave the model half in one dtype and fail at the first matmul.
+        sd = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -634,8 +703,12 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float3
             experts.append(cast_dit(WanModel(cfg), want))
     if ckpt:
         sd = read_state_dict(ckpt)
-        if any(".lora_down." in k for k in sd):
-            merge_lora(experts[-1], sd)
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"fine-tuned weights {ckpt}: non-finite values (NaN or inf) in {len(bad)} "
+                             f"tensor(s), e.g. {bad[0]}; the run that wrote them diverged")
+        if any(".lora_down." in k or ".lora_up." in k for k in sd):
+            merge_lora(experts[-1], sd, what=f"LoRA {ckpt}")
         else:
             load_strict(experts[-1], sd, f"fine-tuned weights {ckpt}")
     inside = {(r["expert"], r["sha256"]): r["file"] for r in merged_loras(ckpt)} if ckpt else {}
@@ -646,8 +719,8 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float3
                              f"{inside[which, file_sha256(path)]} with the same sha256); leave out --lora {lora}")
         if which == "high" and len(experts) < 2:
             raise ValueError(f"LoRA {lora}: {cfg.name} has one model, no high-noise expert")
-        merge_lora(experts[0 if which == "high" else -1], read_state_dict(path))
-    # cast again: load_strict assigns a checkpoint's tensors in the dtype they were saved in
+        merge_lora(experts[0 if which == "high" else -1], read_state_dict(path), what=f"LoRA {path}")
+    # cast again: a fine-tuned checkpoint may hold another dtype than the one asked for
     return [cast_dit(m, d).to(device).eval().requires_grad_(False) for m, d in zip(experts, dtypes)]
 
 # -----------------------------------------------------------------------------
@@ -1732,16 +1805,27 @@ def prepare_image(img, cfg, size):
 
 def save_video(path, video, fps, metadata=None):
     """(3, F, H, W) in [-1, 1] -> H.264 mp4, written to a temporary file then renamed, so a crash
-    never leaves a partial mp4. metadata (a dict) goes to a JSON file beside it."""
-    import imageio.v2 as imageio
+    never leaves a partial mp4; the temporary name ends in .partial, so that a folder scan never takes
+    it for a video. A non-finite video is a ValueError and nothing is written. metadata (a dict) goes
+    to a JSON file beside it."""
+    import imageio_ffmpeg
+    import numpy as np
+    if not torch.isfinite(video).all():
+        bad = (~torch.isfinite(video)).float().mean().item()
+        raise ValueError(f"{path}: the video has non-finite values ({bad:.1%} NaN or inf); nothing written "
+                         f"(the weights or the sampler diverged)")
     frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
     frames = frames.permute(1, 2, 3, 0).cpu().numpy()                      # (F, H, W, 3)
-    tmp = f"{path}.tmp{os.getpid()}.mp4"
+    tmp = f"{path}.tmp{os.getpid()}.partial"
     try:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=1,
-                                pixelformat="yuv420p") as writer:
-            for frame in frames:
-                writer.append_data(frame)
+        # imageio-ffmpeg directly: imageio picks the format from the extension, ffmpeg takes "-f mp4".
+        writer = imageio_ffmpeg.write_frames(tmp, (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+                                             quality=9, macro_block_size=1, pix_fmt_out="yuv420p",
+                                             output_params=["-f", "mp4"])
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

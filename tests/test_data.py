@@ -406,3 +406,28 @@ def test_shipped_vae_reconstructs_held_out_faces_in_every_frame(demo):
     assert len(psnr) == 9
     assert min(psnr) > 20.0, psnr                                   # measured: 23.4-25.1 dB on all 16 eval clips
     assert min(psnr[5:]) > sum(psnr[1:5]) / 4 - 3.0, psnr          # the VAE fitted on 5-frame windows: 14.5 vs 23.6
+
+
+def test_a_binary_caption_rejects_its_clip_and_a_rerun_keeps_its_filters(tmp_path, faces, demo):
+    names = copy_demo_videos(demo, tmp_path / "videos", 2)
+    bad_txt = tmp_path / "videos" / names[0].replace(".mp4", ".txt")
+    bad_txt.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary")
+    out = tmp_path / "out"
+    summary = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    lines = {l["video"]: l for l in manifest_lines(out)}
+    assert lines[names[0]]["reason"] == "bad_caption" and str(bad_txt) in lines[names[0]]["detail"]
+    assert "not UTF-8" in lines[names[0]]["detail"] and lines[names[1]]["reason"] == "ok"
+    assert summary["kept"] == 1 and summary["rejected"] == 1
+    with pytest.raises(SystemExit) as err:
+        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "100")
+    print(err.value.code)
+    assert "--max-face-px 720.0 (now 100.0)" in str(err.value.code) and "new --out" in str(err.value.code)
+    assert run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")["skipped"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--clips", "--frames", "--size", "--fps"])
+def test_demo_names_the_flag_that_is_wrong(flag, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        data.build_demo(data.get_args(["demo", "--out", str(tmp_path), flag, "0"]))
+    assert str(err.value.code).startswith(f"data.py demo {flag} 0: must be >=")
+    assert os.listdir(tmp_path) == []

@@ -185,6 +185,7 @@ class FakeClips:
 
     def __init__(self, root, split, frames=None, size=None):
         self.items = [dict(clip_id=cid, **v) for cid, v in sorted(self.clips.items())]
+        self.records = [(None, dict(clip_id=it["clip_id"])) for it in self.items]   # (record file, metadata)
 
     def __len__(self):
         return len(self.items)
@@ -414,3 +415,69 @@ def test_generation_with_cfg_records_its_sampler(eval_set, models, monkeypatch):
     official = ev.get_args(["--data", str(eval_set / "data"), "--out", ".", "--model", "5b"])
     assert ev.resolve_sampler(official).shape == (6, cfg.text_dim)        # CFG on: prepare's negative context
     assert (official.solver, official.steps, official.shift, official.guidance) == ("unipc", 50, 5.0, 5.0)
+
+
+def test_cached_videos_are_reused_only_when_everything_that_made_them_is_the_same(eval_set, models, monkeypatch):
+    """A video in OUT/videos is kept only for the same checkpoint file content, sampler settings and
+    seed; otherwise it is generated again, and scored again."""
+    from safetensors.torch import save_file
+    monkeypatch.setattr(ev, "load_evaluators", lambda args: (models[0], {"reward": models[1]["reward"]}))
+    real, made = ev.generate_one, []
+    monkeypatch.setattr(ev, "generate_one", lambda cfg, experts, vae, clip, seed, args, device, neg=None:
+                        made.append((clip["clip_id"], seed, args.steps)) or real(cfg, experts, vae, clip, seed, args,
+                                                                                  device, neg))
+    cfg = wan.get_config("tiny")
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in wan.build_vae(cfg).state_dict().items()}, str(eval_set / "vae.safetensors"))
+    ckpt = eval_set / "run" / "model.safetensors"
+    ckpt.parent.mkdir()
+
+    def train_more(seed):                        # the same path, other weights: a run that went on
+        g = torch.Generator().manual_seed(seed)
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in wan.WanModel(cfg).state_dict().items()},
+                  str(ckpt))
+
+    out = eval_set / "out"
+    argv = ["--data", str(eval_set / "data"), "--out", str(out), "--max-clips", "1", "--eval-frames", "2",
+            "--vae", str(eval_set / "vae.safetensors"), "--ckpt", str(ckpt)]
+    video = out / "videos" / "run" / "a.mp4"
+    train_more(0)
+    first = ev.main(argv)
+    old = wan.read_video(str(video))
+    assert made == [("a", 0, 8), ("a", 0, 8)]              # base, run
+    made.clear()
+    assert ev.main(argv) == first and made == []             # nothing changed: nothing generated
+    train_more(1)
+    again = ev.main(argv)
+    assert made == [("a", 0, 8)]                              # only the checkpoint that changed
+    assert not np.array_equal(wan.read_video(str(video)), old)
+    assert again["run"]["reward"]["face_sim"] != first["run"]["reward"]["face_sim"] or \
+        again["run"]["reward"]["motion"] != first["run"]["reward"]["motion"], "the old video's scores were reused"
+    made.clear()
+    ev.main(argv + ["--steps", "4"])
+    assert made == [("a", 0, 4), ("a", 0, 4)]
+    made.clear()
+    ev.main(argv + ["--steps", "4", "--seed", "7"])
+    assert made == [("a", 7, 4), ("a", 7, 4)]
+
+
+def test_out_not_writable_fails_before_scoring(eval_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "load_evaluators", lambda args: pytest.fail("models were loaded"))
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(SystemExit, match="--out .*file/out is not a writable folder"):
+        ev.main(["--data", str(eval_set / "data"), "--videos", str(eval_set / "good"), "--out",
+                 str(tmp_path / "file" / "out")])
+
+
+def test_a_diverged_checkpoint_stops_eval_without_a_video(eval_set, models, monkeypatch):
+    from safetensors.torch import save_file
+    monkeypatch.setattr(ev, "load_evaluators", lambda args: (models[0], {"reward": models[1]["reward"]}))
+    cfg = wan.get_config("tiny")
+    save_file({k: v.contiguous() for k, v in wan.build_vae(cfg).state_dict().items()}, str(eval_set / "vae.safetensors"))
+    real = ev.generate_one
+    monkeypatch.setattr(ev, "generate_one", lambda *a: real(*a) * float("nan"))
+    save_file(wan.WanModel(cfg).state_dict(), str(eval_set / "full.safetensors"))
+    with pytest.raises(SystemExit, match="base \\(base\\): clip a came out with non-finite values"):
+        ev.main(["--data", str(eval_set / "data"), "--out", str(eval_set / "out"), "--max-clips", "1",
+                 "--vae", str(eval_set / "vae.safetensors"), "--ckpt", str(eval_set / "full.safetensors")])
+    assert os.listdir(eval_set / "out" / "videos" / "base") == []

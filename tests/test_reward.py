@@ -464,3 +464,26 @@ def test_cli_video_scores_and_faceless_video(tmp_path):
     assert r.returncode == 0 and "R_face" in r.stdout and float(r.stdout.split("R_face = ")[1].split()[0]) > 0.99, r.stdout
     r = cli(empty, os.path.join(ASSETS, "person_b_2.jpg"))
     assert r.returncode == 1 and "no face found in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_one_image_reader_transparency_shows_white_as_in_wan_load_image(tmp_path):
+    """reward.read_image (data.py's demo photos, the CLI) and wan.load_image (sample.py) see a
+    transparent PNG the same way: on white, as an image viewer shows it."""
+    import wan
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :4, 3] = 255                     # left half opaque red-ish, right half see-through
+    rgba[:, 4:6, 3] = 128
+    path = tmp_path / "rgba.png"
+    cv2.imwrite(str(path), rgba[..., [2, 1, 0, 3]])
+    ours = reward.read_image(str(path)).astype(int)
+    theirs = np.asarray(wan.load_image(str(path))).astype(int)
+    assert np.abs(ours - theirs).max() <= 1
+    assert (ours[:, 6:] == 255).all() and (ours[:, :4] == [200, 0, 0]).all()
+
+
+def test_cli_negative_max_frames_is_an_error(tmp_path):
+    img = os.path.join(ASSETS, "person_b_2.jpg")
+    r = cli(img, img, "--max-frames", "-5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: --max-frames -5: must be >= 0 (0 = every frame)"

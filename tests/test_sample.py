@@ -413,3 +413,98 @@ def test_more_bad_input(flags, message, tmp_path):
                      *[f.format(tmp=tmp_path) for f in flags]])
     assert re.search(message, str(exit.value.code))
     assert sorted(os.listdir(tmp_path)) == before
+
+
+# -----------------------------------------------------------------------------
+# Files that are not what they claim, broken LoRAs, impossible settings (issue #18): one line each,
+# naming the input, and no file written
+
+
+def tiny_sd(seed=0):
+    torch.manual_seed(seed)
+    return wan.WanModel(wan.get_config("tiny")).state_dict()
+
+
+def broken_lora(kind):
+    """A one-layer LoRA in the Lightning layout, broken in one way."""
+    cfg = wan.get_config("tiny")
+    name, r = "diffusion_model.blocks.0.self_attn.q", 4
+    down, up = torch.randn(r, cfg.dim), torch.randn(cfg.dim, r)
+    if kind == "wrong shape":
+        down = torch.randn(r, cfg.dim + 3)
+    if kind == "rank mismatch":
+        up = torch.randn(cfg.dim, r + 1)
+    if kind == "unknown module":
+        name = "diffusion_model.blocks.0.self_attn.nope"
+    sd = {f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(4.0)}
+    if kind != "missing up":
+        sd[f"{name}.lora_up.weight"] = up
+    return sd
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ckpt", "{tmp}/text.safetensors"], "^error: weights .*text.safetensors: not a readable .safetensors file"),
+    (["--ckpt", "{tmp}/cut.safetensors"], "^error: weights .*cut.safetensors: not a readable .safetensors file"),
+    (["--ckpt", "{tmp}/pickled.pth"], "^error: weights .*pickled.pth: the file holds pickled Python objects"),
+    (["--ckpt", "{tmp}/nan.safetensors"], "^error: fine-tuned weights .*nan.safetensors: non-finite values"),
+    (["--vae", "{tmp}/text.safetensors"], "^error: weights .*text.safetensors: not a readable"),
+    (["--ckpt", "{tmp}/wrong shape.safetensors"], "^error: LoRA .*wrong shape.safetensors: .*self_attn.q has "
+                                                  "lora_down \\(4, 131\\) and lora_up \\(128, 4\\); the layer is 128x128"),
+    (["--ckpt", "{tmp}/rank mismatch.safetensors"], "^error: LoRA .*self_attn.q has lora_down of rank 4 but lora_up "
+                                                    "of rank 5"),
+    (["--lora", "{tmp}/unknown module.safetensors"], "^error: LoRA .*: blocks.0.self_attn.nope is not a layer"),
+    (["--lora", "{tmp}/missing up.safetensors"], "^error: LoRA .*self_attn.q has lora_down without lora_up"),
+    (["--shift", "0"], "^error: --shift 0.0: must be > 0"),
+    (["--frames", "100001", "--size", "4096*4096"], "^error: --frames 100001: the decoded video alone needs"),
+    (["--device", "cuda:7"], "^error: --device cuda:7: "),
+])
+def test_files_and_settings_that_are_wrong(flags, message, tmp_path):
+    cfg = wan.get_config("tiny")
+    assert cfg.dim == 128, "the expected shapes above are the tiny preset's"
+    (tmp_path / "text.safetensors").write_text("these are not weights\n")
+    save_file(tiny_sd(), str(tmp_path / "full.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:5000])
+    torch.save({"model": wan.WanModel(cfg)}, tmp_path / "pickled.pth")
+    sd = tiny_sd()
+    sd["blocks.0.ffn.0.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    for kind in ("wrong shape", "rank mismatch", "unknown module", "missing up"):
+        save_file(broken_lora(kind), str(tmp_path / f"{kind}.safetensors"))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--model", "tiny", "--image", FACE, "--prompt", PROMPT, "--out", str(tmp_path / "v.mp4"),
+                     "--device", "cpu", *[f.format(tmp=tmp_path) for f in flags]])
+    print(exit.value.code)
+    assert re.search(message, str(exit.value.code)), exit.value.code
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_an_fp16_checkpoint_samples_like_its_fp32_original(tmp_path):
+    sd = tiny_sd(1)
+    save_file({k: v.half() for k, v in sd.items()}, str(tmp_path / "half.safetensors"))
+    save_file({k: v.half().float() for k, v in sd.items()}, str(tmp_path / "full.safetensors"))
+    a, _ = run(tmp_path / "a.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "half.safetensors"))
+    b, _ = run(tmp_path / "b.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "full.safetensors"))
+    assert torch.equal(a, b)
+
+
+def test_a_non_finite_video_is_an_error_and_no_file(tmp_path, monkeypatch):
+    real = wan.generate
+    monkeypatch.setattr(wan, "generate", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "v.mp4", "--frames", "5")
+    assert "non-finite values" in str(exit.value.code) and "nothing written" in str(exit.value.code)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_settings_json_never_replaces_another_file(tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path / "notes.mp4", "--frames", "5")
+    assert "notes.json exists and is not a settings file of sample.py" in str(exit.value.code)
+    assert notes.read_text() == '{"my": "notes"}' and sorted(os.listdir(tmp_path)) == ["notes.json"]
+    # Its own settings file from an earlier run is replaced, as a re-run should.
+    run(tmp_path / "v.mp4", "--frames", "5", "--seed", "1")
+    _, meta = run(tmp_path / "v.mp4", "--frames", "5", "--seed", "2")
+    assert meta["seed"] == 2 and meta["written_by"] == "sample.py"
