@@ -112,6 +112,9 @@ def get_args(argv=None):
                    help="activation checkpointing: block = per DiT block; call = also each windowed DiT call as "
                    "a whole, so the rollout keeps only the calls' inputs until backward (less memory, one more "
                    "forward per windowed step; for 720p and A14B)")
+    p.add_argument("--offload-high-noise", action="store_true",
+                   help="a14b: keep the frozen high-noise expert in host memory, copied in for its steps "
+                   "(saves its 27 GB of GPU memory in bf16; not with full fine-tuning under torchrun)")
     p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT blocks (default: on with CUDA, off on the CPU)")
@@ -282,8 +285,11 @@ def load_models(args, cfg, device):
     # expert of full fine-tuning in float32. A14B: only the low-noise expert (the last) trains; the
     # high-noise steps run without gradient.
     frozen_dtype = DTYPES[args.base_dtype]
-    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora, device,
+    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora,
+                               "cpu" if args.offload_high_noise else device,
                                dtype=frozen_dtype, last_dtype=frozen_dtype if args.lora_rank > 0 else torch.float32)
+    if args.offload_high_noise:
+        experts = [wan.OnHost(experts[0]), experts[1].to(device)]
     policy = experts[-1]
     ref = None
     if args.lora_rank > 0:
@@ -566,8 +572,8 @@ def nbytes(tensors):
 
 def saved_bytes(fn, skip=()):
     """Bytes autograd saves while fn() runs (each tensor once; `skip`: parameters, held anyway)."""
-    def key(t):  # views share a storage; on meta there is none to compare, so the tensor itself
-        return t._cdata if t.device.type == "meta" else t.untyped_storage().data_ptr()
+    def key(t):  # views share one storage (meta tensors too): count it once
+        return t.untyped_storage()._cdata
     seen, held = set(), {key(t) for t in skip}
     total = [0]
 
@@ -575,7 +581,7 @@ def saved_bytes(fn, skip=()):
         k = key(t)
         if k not in seen and k not in held:
             seen.add(k)
-            total[0] += t.untyped_storage().nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
+            total[0] += t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -671,6 +677,8 @@ def plan(args, cfg, world, segment=None, face_frames=None):
     t = {}
     t["policy weights"] = nbytes(dit.parameters()) / shard
     t["frozen experts"] = (len(cfg.experts) - 1) * frozen / shard if cfg.experts else 0
+    on_host = t["frozen experts"] if args.offload_high_noise else 0     # copied in only for its steps
+    t["frozen experts"] -= on_host
     t["KL reference copy"] = frozen / shard if full and args.kl_weight > 0 else 0
     t["grads + Adam (fp32)"] = trainable * 12 / shard
     t["VAE weights"] = nbytes(vae.parameters())
@@ -700,13 +708,14 @@ def plan(args, cfg, world, segment=None, face_frames=None):
                               "VAE weights", "face models", "batch (clip, image, text)"))
     R = t["rollout saved (K steps)"]
     borders = t["decode: caches at segment borders"]
-    phases = {
+    phases = {"high-noise steps": held + on_host} if cfg.experts else {}
+    phases.update({
         "rollout": held + R,
         "reward forward": held + R + borders + t["decoded video and its copies"] + t["face model activations"],
         "decode backward": held + R + borders + t["decode: caches inside one segment"]
                            + t["decode: one chunk's activations"] + 2 * cache + 2 * video,
         "DiT backward": held + R + t["DiT call/block recompute + backward"],
-    }
+    })
     return t, phases
 
 
@@ -723,14 +732,22 @@ def face_terms(args):
     return weights, acts + 2 * nbytes([crop])
 
 
-def fit_advice(args, cfg, t, phases, gpu_gb):
+def fit_advice(args, cfg, world, t, phases, gpu_gb):
     """What to change when the plan does not fit: the largest terms and the flags that shrink them."""
     biggest = max(t, key=t.get)
+    least = t["policy weights"] / (2 if args.base_dtype == "fp32" and args.lora_rank > 0 else 1)   # bf16 base
+    if least / GB > gpu_gb:
+        return (f"no setting of this run fits {gpu_gb:g} GB: the trained model's weights alone need "
+                f"{least / GB:,.1f} GB even in bf16 (largest term now: {biggest}, {t[biggest] / GB:,.1f} GB)")
     tips = []
     if args.vae_dtype == "fp32":
         tips.append("--vae-dtype bf16 (halves the decode terms)")
     if args.base_dtype == "fp32" and (args.lora_rank > 0 or cfg.experts or args.kl_weight > 0):
         tips.append("--base-dtype bf16 (halves the frozen weights)")
+    if args.checkpointing != "call":
+        tips.append("--checkpointing call (the rollout keeps only each windowed call's inputs)")
+    if cfg.experts and not args.offload_high_noise and not (args.lora_rank == 0 and world > 1):
+        tips.append("--offload-high-noise (the frozen expert waits in host memory)")
     if args.lora_rank == 0:
         tips.append("more GPUs (FSDP2 shards full fine-tuning: --world-size)")
     tips.append("fewer --frames or a smaller --size (rollout and decode terms scale with both)")
@@ -788,9 +805,9 @@ def dry_run(args, cfg, world):
     if args.gpu_mem:
         rows.append(("fits", f"yes: {peak / GB:,.1f} of {args.gpu_mem:g} GB ({1 - peak / GB / args.gpu_mem:.0%} "
                              f"headroom)" if peak / GB <= args.gpu_mem
-                     else "no: " + fit_advice(args, cfg, terms, phases, args.gpu_mem)))
+                     else "no: " + fit_advice(args, cfg, world, terms, phases, args.gpu_mem)))
     for k, v in rows:
-        print(f"  {k:<38} {v}")
+        print(f"  {k:<40}  {v}")
     if args.gpu_mem and peak / GB > args.gpu_mem:
         raise SystemExit(1)
     return dict(rows)
@@ -835,6 +852,9 @@ def main(argv=None):
     cfg = wan.get_config(args.model)
     ddp, rank, world, device = setup_distributed(args)
     master = rank == 0
+    if args.offload_high_noise and (not cfg.experts or (ddp and args.lora_rank == 0)):
+        raise SystemExit("--offload-high-noise: only for a14b's high-noise expert, and not with FSDP2 "
+                         "(full fine-tuning under torchrun), which shards that expert instead")
     if args.base_dtype == "bf16" and args.dtype != "bf16":
         raise SystemExit("--base-dtype bf16 needs --dtype bf16: bf16 weights only meet float32 inputs under autocast")
     if args.compile is None:

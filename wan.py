@@ -1604,6 +1604,25 @@ def condition(cfg, vae, image, frames):
     video = torch.cat([image[:, :, None], image.new_zeros(B, 3, frames - 1, H, W)], dim=2)
     return dict(y=a14b_condition(vae.encode(video)))
 
+class OnHost(nn.Module):
+    """A frozen DiT whose weights stay in (pinned) host memory: each call copies them to the input's
+    device and frees the copy afterwards. For I2V-A14B's high-noise expert in training, so that its
+    27 GB (bf16) are not on the GPU while the low-noise expert's graph is; the price is one
+    host-to-device copy per call (3 of 8 sampler steps; about 1 s each over PCIe 4)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.cfg, self.inner = model.cfg, [model.cpu()]      # a list: .to(device) must not move it
+        if torch.cuda.is_available():
+            for p in model.parameters():
+                p.data = p.data.pin_memory()                 # asynchronous copies, bounded by the model
+
+    def forward(self, x, *args, **kwargs):
+        model = self.inner[0]
+        params = {k: p.to(x.device, non_blocking=True) for k, p in model.named_parameters()}
+        return torch.func.functional_call(model, params, (x, *args), kwargs)
+
+
 def frozen(model):
     """The model's forward with its parameters detached: differentiable in its inputs only."""
     params = {k: p.detach() for k, p in model.named_parameters()}
