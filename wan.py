@@ -1430,23 +1430,40 @@ def frozen(model):
     return lambda *args, **kwargs: torch.func.functional_call(model, params, args, kwargs)
 
 
+def cat_contexts(a, b):
+    """Two text batches as one for a single DiT call: tensors padded with zero rows to a common
+    length (the DiT pads to text_len with zeros anyway, so nothing changes), or lists joined."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        n = max(a.shape[1], b.shape[1])
+        return torch.cat([F.pad(c, (0, 0, 0, n - c.shape[1])) for c in (a, b)])   # (2B, n, text_dim)
+    return [*a, *b]
+
+
 def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
     """Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); one DiT call when g == 1.
 
-    The unconditional pass never keeps a graph (it runs under no_grad): under a gradient window
-    the gradient flows through g * v_cond only, which halves the activation memory. ROLL and
-    Lightning train and sample with g = 1, where this is exact.
+    Without gradients (sampling, the rollout's early steps, the KL reference) both passes are one
+    DiT call on a doubled batch: the weights are read and the kernels launched once, not twice.
+    Under a gradient they stay two calls and the unconditional one runs under no_grad: a batched
+    call would save both halves' activations for backward (twice the memory of a windowed step)
+    even with the unconditional half detached afterwards. The gradient then flows through
+    g * v_cond only; ROLL and Lightning train and sample with g = 1, where this is exact.
     """
-    v = model(x_t, t, context, y=y)
     if guidance == 1.0:
-        return v
+        return model(x_t, t, context, y=y)
     if context_null is None:
         raise ValueError(f"guidance {guidance} needs context_null (the encoded NEG_PROMPT)")
     B = x_t.shape[0]
     if len(context_null) == 1 and B > 1:  # one negative prompt for the whole batch
         context_null = context_null.expand(B, -1, -1) if torch.is_tensor(context_null) else list(context_null) * B
-    with torch.no_grad():
-        v_uncond = model(x_t, t, context_null, y=y)
+    if torch.is_grad_enabled():
+        v = model(x_t, t, context, y=y)
+        with torch.no_grad():
+            v_uncond = model(x_t, t, context_null, y=y)
+    else:
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_contexts(context, context_null),
+                     y=None if y is None else torch.cat([y, y]))                # (2B, C, f, h, w)
+        v, v_uncond = both.chunk(2)
     return v_uncond + guidance * (v - v_uncond)
 
 
@@ -1519,11 +1536,13 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
         # = (1 - mask) * z_img + mask * x of the official code, mask 0 on the first frame only.
         x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
 
+    # Python floats (exact: float32 or integer values), so choosing the expert and filling t never
+    # waits for the device.
+    ts = timesteps.float().tolist()
     trace, graph_calls, v = [], 0, None
     for i in tqdm(range(steps), disable=not progress, desc="sampling"):
-        t = timesteps[i].to(device=x.device, dtype=torch.float32)
-        e = 0 if len(experts) == 1 or t.item() >= cfg.boundary * 1000 else 1
-        t_in = t_mask * t if t_mask is not None else t.expand(B)          # (B, L) or (B,)
+        e = 0 if len(experts) == 1 or ts[i] >= cfg.boundary * 1000 else 1
+        t_in = t_mask * ts[i] if t_mask is not None else x.new_full((B,), ts[i])   # (B, L) or (B,)
         windowed = grad and i in window
         x_path = windowed or (grad and K > 0 and grad_window == "first" and i >= K)
         with torch.set_grad_enabled(x_path):
