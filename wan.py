@@ -223,9 +223,11 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, rope):
-        # x (B, L, dim) float32 residual stream; e0 (B, L or 1, 6, dim) float32.
+        # x (B, L, dim) float32 residual stream; e0: six (B, L or 1, dim) float32 tensors, kept
+        # apart so backward adds each term's gradient in place (one (6, B, L, dim) tensor would be
+        # split here and its gradient stacked into a fresh copy in every block).
         with no_autocast(x.device):
-            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).unbind(2)
+            shift1, scale1, gate1, shift2, scale2, gate2 = (m + e for m, e in zip(self.modulation[0], e0))
         x = x + self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope=rope) * gate1
         x = x + self.cross_attn(self.norm3(x), context=context)  # ungated, as in the official code
         x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
@@ -241,7 +243,7 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         with no_autocast(x.device):  # the official head runs in float32
-            shift, scale = (self.modulation + e[:, :, None]).unbind(2)
+            shift, scale = (m + e for m in self.modulation[0])               # (B, L or 1, dim) each
             return self.head(self.norm(x) * (1 + scale) + shift)
 
 
@@ -324,8 +326,17 @@ class WanModel(nn.Module):
         # Time: one embedding per sample (t (B,)) or per token (t (B, L)); float32, no autocast.
         with no_autocast(x.device):
             tt = t if t.ndim == 2 else t[:, None]                            # (B, 1 or L)
-            e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim)
-            e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))          # (B, 1 or L, 6, dim)
+            # Per-token t takes a few values (TI2V: 0 on the first frame, t elsewhere): on the CPU each
+            # value goes through the time MLPs once (at CPU sizes they are ~7% of the DiT's work). Not
+            # on a GPU: torch.unique would wait for the device, and at 5B the MLPs are ~1% of the work.
+            index = None
+            if tt.shape[1] > 1 and tt.device.type == "cpu":
+                tt, index = torch.unique(tt, return_inverse=True)            # (U,), (B, L)
+            e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim) or (U, dim)
+            e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim)).movedim(-2, 0)  # (6, B, 1 or L, dim) or (6, U, dim)
+            if index is not None:
+                e, e0 = e[index], e0[:, index]                               # (B, L, dim), (6, B, L, dim)
+            e0 = e0.contiguous().unbind(0)                                   # 6 x (B, 1 or L, dim)
 
         # Text: pad to text_len with zeros before embedding; padded rows are attended.
         if not torch.is_tensor(context):
