@@ -485,7 +485,6 @@ def gpu_vae_decode(device="cuda", latent=(21, 30, 52), kw=None, runs=2):
             def theirs():
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                     return ref.decode(z_raw).sample
-            reset_peak(device)
             a = device_seconds(ours, device, runs)
             b = device_seconds(theirs, device, runs)
             diff = (ours().float() - theirs().float()).abs().max().item()
@@ -622,9 +621,9 @@ def gpu_ipro_sample(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"]
             stages, total, args = ipro_sample_stages(preset, n, size, device)
             break
         except torch.cuda.OutOfMemoryError:
-            free_memory(device)
-            rows.append((f"IPRO sample {preset} {n} x {size[0]} x {size[1]}: out of memory on this GPU", None, None,
-                         None))
+            pass
+        free_memory(device)      # out of the except block: the traceback no longer holds the tensors
+        rows.append((f"IPRO sample {preset} {n} x {size[0]} x {size[1]}: out of memory on this GPU", None, None, None))
     else:
         return rows
     cfg = wan.get_config(preset)

@@ -333,7 +333,7 @@ class WanModel(nn.Module):
             if tt.shape[1] > 1 and tt.device.type == "cpu":
                 tt, index = torch.unique(tt, return_inverse=True)            # (U,), (B, L)
             e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim) or (U, dim)
-            e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim)).movedim(-2, 0)  # (6, B, 1 or L, dim) or (6, U, dim)
+            e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim)).movedim(-2, 0)  # (6, B, 1 or L, dim) / (6, U, dim)
             if index is not None:
                 e, e0 = e[index], e0[:, index]                               # (B, L, dim), (6, B, L, dim)
             e0 = e0.contiguous().unbind(0)                                   # 6 x (B, 1 or L, dim)

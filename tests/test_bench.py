@@ -4,13 +4,14 @@ import re
 import subprocess
 import sys
 
-import torch
+import pytest
 
 import bench
 import train
 import wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: a second thread only waits
 TINY = dict(preset="tiny", frames=5, size=(32, 32), device="cpu")   # 2 latent frames, 32 tokens
 
 
