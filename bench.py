@@ -9,6 +9,7 @@ alternate ours and reference run by run, so both see the same background load; p
 read in a fresh child process (Linux VmHWM, reset just before the measured work).
 """
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -16,6 +17,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import reward
 import wan
@@ -77,14 +79,17 @@ def peak_mb(fn, *args):
 
 
 def diffusers_dit(model):
+    """diffusers' WanTransformer3DModel on our model's device, holding the same weight storage
+    (assign=True: the key conversion only renames, so a 5B twin costs no second 20 GB)."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     cfg = model.cfg
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
-    ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(model.state_dict())), strict=True)
+    with torch.device(model.head.head.weight.device):
+        ref = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(model.state_dict())), strict=True, assign=True)
     return ref
 
 
@@ -156,16 +161,16 @@ def dit_flops_fraction():
 BENCH_VAE22 = dict(dim=32, dec_dim=48, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
 
 
-def diffusers_vae22(vae):
-    """diffusers' AutoencoderKLWan with our VAE's weights (key table of tests/test_vae.py)."""
+def diffusers_vae22(vae, kw=BENCH_VAE22):
+    """diffusers' AutoencoderKLWan with our VAE's weights (key table of tests/test_vae.py), on its device."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
     from diffusers import AutoencoderKLWan
     from test_vae import wan22_to_diffusers
-    kw = BENCH_VAE22
-    ref = AutoencoderKLWan(base_dim=kw["dim"], decoder_base_dim=kw["dec_dim"], z_dim=kw["z_dim"],
-                           dim_mult=list(kw["dim_mult"]), num_res_blocks=kw["num_res_blocks"],
-                           temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-                           out_channels=12, patch_size=2, scale_factor_spatial=16)
+    with torch.device(vae.conv2.weight.device):
+        ref = AutoencoderKLWan(base_dim=kw["dim"], decoder_base_dim=kw["dec_dim"], z_dim=kw["z_dim"],
+                               dim_mult=list(kw["dim_mult"]), num_res_blocks=kw["num_res_blocks"],
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16)
     ref.load_state_dict(wan22_to_diffusers(vae.state_dict()), strict=True)
     return ref.eval()
 
@@ -386,16 +391,419 @@ def rollout_memory_checkpointing():
         peak_mb(rollout_backward, 8, 4, True), peak_mb(rollout_backward, 8, 4, False), None
 
 
+# -----------------------------------------------------------------------------
+# GPU: the 5B model at 81 x 480 x 832 (8,190 tokens), random weights built on the device
+#
+# `python bench.py gpu` runs these rows (so does `python bench.py`); without CUDA they print one
+# line and are skipped. Each takes the preset, size and device, so tests/test_bench.py runs the
+# same code at the tiny preset on the CPU. Rows print seconds per call after a warm-up call;
+# CUDA timings wait for the device (synchronize) before reading the clock.
+
+GPU = dict(preset="5b", frames=81, size=(480, 832))
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_seconds(fn, device, runs, warmup=1):
+    """Median seconds of fn() on the device after `warmup` calls (compilation, allocator, autotuning)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as fh:   # VmHWM := current resident size
+            fh.write("5")
+
+
+def peak_gb(device):
+    """Peak memory since reset_peak: CUDA allocated bytes, or the CPU process's resident peak."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _rss_kib("VmHWM") / 2**20 if os.path.exists("/proc/self/status") else float("nan")
+
+
+def free_memory(device):
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def autocast_bf16(device, enabled=True):
+    """bf16 autocast on CUDA as train.py and sample.py run the DiT; the CPU runs float32 (bf16 is slow there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and torch.device(device).type == "cuda")
+
+
+def latent_size(cfg, frames, size):
+    st, sh, sw = cfg.vae_stride
+    return (frames - 1) // st + 1, size[0] // sh, size[1] // sw
+
+
+def random_dit(cfg, device):
+    """A DiT with the official random init, built on the device (a 5B model in seconds, no hub);
+    the head gets random weights too, since its zero init would make every velocity 0."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = wan.WanModel(cfg)
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    return model
+
+
+def gpu_dit_inputs(cfg, frames, size, device, batch=1):
+    """TI2V inputs: latent noise, per-token t (0 on the first latent frame), a padded text context."""
+    f, h, w = latent_size(cfg, frames, size)
+    pt, ph, pw = cfg.patch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_dim, f, h, w, generator=g).to(device)
+    per_frame = (h // ph) * (w // pw)
+    t = torch.full((batch, (f // pt) * per_frame), 700.0)
+    t[:, :per_frame] = 0
+    ctx = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device)
+    return x, t.to(device), ctx
+
+
+def dit_flops(cfg, frames, size, train_weights, backward):
+    """FLOPs torch counts for one DiT forward (and backward) of one sample, on the meta device:
+    the model's own work, without the recompute of activation checkpointing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t, ctx = (v.to("meta") for v in gpu_dit_inputs(cfg, frames, size, "cpu"))
+    x.requires_grad_(backward and not train_weights)
+    with torch.device("meta"):
+        model = wan.WanModel(cfg).requires_grad_(train_weights)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x, t, ctx)
+            if backward:
+                out.square().mean().backward()
+    return counter.get_total_flops()
+
+
+def gpu_matmul(device="cuda", n=8192, runs=20, dtype=torch.bfloat16):
+    """The reference of every "% of peak": a bf16 n^3 matmul on this GPU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = device_seconds(lambda: a @ b, device, runs, warmup=3)
+    rate = 2 * n**3 / seconds
+    return [(f"{dtype} matmul {n}^3, TFLOP/s", rate / 1e12, None, None)], rate
+
+
+def dit_step(model, call, device):
+    def step():
+        with autocast_bf16(device):
+            out = call(model)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)     # ours and the twin have their own gradients: one alive at a time
+    return step
+
+
+def gpu_dit(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"], device="cuda", runs=3, compile=True,
+            reference=True, rate=None):
+    """DiT forward+backward, every weight trainable (float32 weights, bf16 autocast on GPU): ours
+    eager and per-block compiled vs diffusers on the same weight storage. Activation checkpointing
+    per block (both models) where the GPU has under 120 GiB: an H200 measured 110.6 GB without."""
+    cfg = wan.get_config(preset)
+    model = random_dit(cfg, device)
+    ref = diffusers_dit(model) if reference else None
+    checkpointing = torch.device(device).type == "cuda" and \
+        torch.cuda.get_device_properties(device).total_memory < 120 * 2**30
+    model.gradient_checkpointing = checkpointing
+    if ref is not None and checkpointing:
+        ref.enable_gradient_checkpointing()
+    x, t, ctx = gpu_dit_inputs(cfg, frames, size, device)
+    flops = dit_flops(cfg, frames, size, train_weights=True, backward=True)
+    tokens = t.shape[1]
+    what = f"DiT fwd+bwd {preset} {tokens} tokens{' (checkpointing)' if checkpointing else ''}"
+    ours = device_seconds(dit_step(model, lambda m: m(x, t, ctx), device), device, runs)
+    rows = []
+    if ref is not None:
+        theirs = device_seconds(dit_step(ref, lambda m: m(x, t, ctx, return_dict=False)[0], device),
+                                device, runs)
+        with torch.no_grad(), autocast_bf16(device):
+            diff = (model(x, t, ctx) - ref(x, t, ctx, return_dict=False)[0].float()).abs().max().item()
+        rows.append((f"{what} (max |ours - diffusers| {diff:.2g}), eager: ours vs diffusers, s", ours, theirs, None))
+        del ref
+    rows.append((f"{what}, eager: TFLOP/s (torch's count {flops / 1e12:.1f} TFLOP) vs matmul", flops / ours / 1e12,
+                 rate and rate / 1e12, None))
+    if compile:
+        for block in model.blocks:
+            block.compile()
+        compiled = device_seconds(dit_step(model, lambda m: m(x, t, ctx), device), device, runs)
+        rows.append((f"{what}, compiled vs eager (ours), s", compiled, ours, None))
+        rows.append((f"{what}, compiled: TFLOP/s vs matmul", flops / compiled / 1e12, rate and rate / 1e12, None))
+    del model
+    free_memory(device)
+    return rows
+
+
+def gpu_vae_decode(device="cuda", latent=(21, 30, 52), kw=None, runs=2):
+    """Wan2.2 VAE decode without gradient (21 latent frames -> 81 x 480 x 832 at the released
+    widths): ours vs diffusers' AutoencoderKLWan, same weights, float32 and bf16 autocast."""
+    kw = dict(dim=160, dec_dim=256, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2) if kw is None else kw
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = wan.WanVAE22(**kw).eval().requires_grad_(False)
+    ref = diffusers_vae22(vae, kw).requires_grad_(False)
+    z = torch.randn(1, kw["z_dim"], *latent, generator=torch.Generator().manual_seed(0)).to(device)
+    shape = (1, -1, 1, 1, 1)
+    z_raw = z * vae.std.to(z).view(shape) + vae.mean.to(z).view(shape)   # diffusers decodes the raw latent
+    rows = []
+    with torch.no_grad():
+        for name, bf16 in (("float32", False), ("bf16 autocast", True)):
+            def ours():
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    return vae.decode(z)
+
+            def theirs():
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    return ref.decode(z_raw).sample
+            a = device_seconds(ours, device, runs)
+            b = device_seconds(theirs, device, runs)
+            diff = (ours().float() - theirs().float()).abs().max().item()
+            frames = 4 * (latent[0] - 1) + 1
+            rows.append((f"VAE 2.2 decode {latent[0]} latent frames -> {frames} frames, {name} "
+                         f"(max |ours - diffusers| {diff:.2g}), s", a, b, None))
+    del vae, ref
+    free_memory(device)
+    return rows
+
+
+class CentredFace(torch.nn.Module):
+    """A detector that finds one face in the middle of every frame. Random weights generate noise,
+    where no face would be found; the reward stage must align and embed every frame as on real output."""
+
+    def forward(self, pixels):
+        import numpy as np
+        B, _, H, W = pixels.shape
+        s = min(H, W) / 2 / 112                                             # a face half the short side
+        landmarks = (np.array(reward.ARCFACE_TEMPLATE) - 56) * s + [W / 2, H / 2]
+        box = np.array([W / 2 - 56 * s, H / 2 - 56 * s, W / 2 + 56 * s, H / 2 + 56 * s])
+        return [[reward.Face(box=box, landmarks=landmarks, score=1.0)] for _ in range(B)]
+
+
+@contextlib.contextmanager
+def replaced(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def random_weights(device):
+    """train.load_models as train.py runs it, with random weights built on the device in place of
+    the hub's (the loaders are swapped for the call; everything load_models does after them runs)."""
+    def experts(cfg, *args, **kwargs):
+        return [random_dit(cfg, device).eval().requires_grad_(False) for _ in cfg.experts or (None,)]
+
+    def vae(cfg, *args, dtype=torch.float32, **kwargs):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return wan.build_vae(cfg).to(dtype).eval().requires_grad_(False)
+    with replaced(wan, "load_experts", experts), replaced(wan, "load_vae", vae):
+        yield
+
+
+class Stages:
+    """Seconds, peak memory (GiB) and calls per stage of train.ipro_loss, read by wrapping the
+    functions it calls, so the bench times train.py's own code rather than a copy: condition =
+    wan.condition (image encode), rollout = wan.generate, KL reference = wan.velocity outside
+    generate, decode = vae.decode, reward = train.face_score; backward is wrapped by the caller.
+    A call made inside another stage belongs to that stage (generate's own velocity calls)."""
+
+    NAMES = ("condition", "rollout", "KL reference", "decode", "reward", "backward")
+
+    def __init__(self, device):
+        self.device, self.active = device, None
+        self.seconds, self.peak, self.calls = ({n: 0.0 for n in self.NAMES} for _ in range(3))
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self.active is not None:
+                return fn(*args, **kwargs)
+            self.active = name
+            sync(self.device)
+            reset_peak(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds[name] += time.perf_counter() - t0
+                self.peak[name] = max(self.peak[name], peak_gb(self.device))
+                self.calls[name] += 1
+                self.active = None
+        return timed
+
+    def patch(self, train, vae):
+        stack = contextlib.ExitStack()
+        for obj, attr, name in ((wan, "condition", "condition"), (wan, "generate", "rollout"),
+                                (wan, "velocity", "KL reference"), (train, "face_score", "reward"),
+                                (vae, "decode", "decode")):
+            stack.enter_context(replaced(obj, attr, self.wrap(name, getattr(obj, attr))))
+        return stack
+
+
+def ipro_sample_stages(preset, frames, size, device):
+    """One IPRO sample (train.ipro_loss + backward) as train.py runs it by default (LoRA r32,
+    K=4 of 8 Euler steps, activation checkpointing, bf16 autocast on GPU, SFace/YuNet reward),
+    after one warm-up sample. Returns (Stages, total seconds, the args train.py would have)."""
+    import train
+    cfg = wan.get_config(preset)
+    args = train.get_args(["--model", preset, "--vae", "random", "--frames", str(frames),
+                           "--size", str(size[0]), str(size[1])])
+    device = torch.device(device)
+    with random_weights(device):
+        experts, ref, vae, faces = train.load_models(args, cfg, device)
+    faces.detector = CentredFace()
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, frames, *size, generator=g) * 2 - 1
+    batch = dict(video=video.to(device), image=video[:, :, 0].to(device),
+                 context=[torch.randn(20, cfg.text_dim, generator=g).to(device)],
+                 pool_emb=[F.normalize(torch.randn(4, faces.embedder.dim, generator=g), dim=-1).to(device)],
+                 pool_frames=[torch.arange(1, 5).to(device)])
+    policy = experts[-1]
+
+    def sample(backward=lambda loss: loss.backward()):
+        loss, _ = train.ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, 0, [0], device)
+        backward(loss)
+        policy.zero_grad(set_to_none=True)
+    sample()                                                                # warm-up
+    stages = Stages(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with stages.patch(train, vae):
+        sample(stages.wrap("backward", lambda loss: loss.backward()))
+    sync(device)
+    total = time.perf_counter() - t0
+    del experts, ref, vae, faces, policy
+    free_memory(device)
+    return stages, total, args
+
+
+def gpu_ipro_sample(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"], device="cuda", rate=None):
+    """One IPRO sample per stage; on a GPU too small for 81 frames, 33 frames instead (said in the row).
+    Ideal time: the sample's DiT FLOPs (rollout, KL reference and backward, counted by torch, no
+    recompute) at the measured matmul rate; target <= 2x."""
+    rows = []
+    for n in (frames, 33) if torch.device(device).type == "cuda" and frames > 33 else (frames,):
+        try:
+            stages, total, args = ipro_sample_stages(preset, n, size, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            pass
+        free_memory(device)      # out of the except block: the traceback no longer holds the tensors
+        rows.append((f"IPRO sample {preset} {n} x {size[0]} x {size[1]}: out of memory on this GPU", None, None, None))
+    else:
+        return rows
+    cfg = wan.get_config(preset)
+    fwd = dit_flops(cfg, n, size, train_weights=False, backward=False)
+    fwd_bwd = dit_flops(cfg, n, size, train_weights=False, backward=True)
+    K = args.grad_steps
+    flops = args.sample_steps * fwd + K * fwd + K * (fwd_bwd - fwd)           # rollout, KL reference, backward
+    what = f"IPRO sample {preset} {n} x {size[0]} x {size[1]}"
+    rows += [(f"{what}: {name} ({stages.calls[name]:.0f} calls), s | peak GiB", stages.seconds[name],
+              stages.peak[name], None) for name in Stages.NAMES]
+    rows.append((f"{what}: total s vs stages' sum", total, sum(stages.seconds.values()), None))
+    if rate:
+        rows.append((f"{what}: total s vs its DiT FLOPs ({flops / 1e15:.2f} PFLOP) at the matmul rate",
+                     total, flops / rate, None))
+    return rows
+
+
+def gpu_sampling(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"], device="cuda", steps=4,
+                 reference=True):
+    """sample.py's loop at the preset's official setting (UniPC, CFG 5 for 5B), seconds per step:
+    wan.generate (CFG as one doubled batch) vs diffusers' transformer called twice per step, as
+    WanPipeline does, on the same weights (the same UniPC solver updates both)."""
+    cfg = wan.get_config(preset)
+    model = random_dit(cfg, device).eval().requires_grad_(False)
+    ref = diffusers_dit(model).eval() if reference else None
+    x, t, ctx = gpu_dit_inputs(cfg, frames, size, device)
+    null = ctx.flip(1)
+    z_img = x[:, :, :1]
+    g = cfg.sample_guide_scale if cfg.sample_guide_scale > 1 else 5.0
+
+    def ours():
+        return wan.generate(model, cfg, x, ctx, null, z_img=z_img, steps=steps, guidance=g, solver="unipc")
+
+    def theirs():
+        sigmas, timesteps = wan.schedule(steps, cfg.sample_shift, "unipc")
+        solver, latent = wan.UniPC(sigmas), torch.cat([z_img, x[:, :, 1:]], dim=2)
+        for ts in timesteps.tolist():
+            tt = (t > 0) * float(ts)
+            v_c = ref(latent, tt, ctx, return_dict=False)[0]
+            v_u = ref(latent, tt, null, return_dict=False)[0]
+            latent = solver.step(v_u + g * (v_c - v_u), latent)
+            latent = torch.cat([z_img, latent[:, :, 1:]], dim=2)
+        return latent
+
+    rows = []
+    with torch.no_grad(), autocast_bf16(device):
+        a = device_seconds(ours, device, 1) / steps
+        if ref is not None:
+            b = device_seconds(theirs, device, 1) / steps
+            diff = (ours() - theirs()).abs().max().item()
+            rows.append((f"sampling {preset} {t.shape[1]} tokens, {steps} UniPC steps, CFG {g:g} "
+                         f"(max |ours - diffusers| {diff:.2g}): ours vs diffusers, s/step", a, b, None))
+        else:
+            rows.append((f"sampling {preset} {t.shape[1]} tokens, UniPC, CFG {g:g}: ours, s/step", a, None, None))
+    del model, ref
+    free_memory(device)
+    return rows
+
+
+def gpu_table(device="cuda"):
+    """Every GPU row in one run, row by row; the matmul rate first (the reference of the others)."""
+    rows, rate = gpu_matmul(device)
+    yield from rows
+    yield from gpu_dit(device=device, rate=rate)
+    yield from gpu_vae_decode(device)
+    yield from gpu_ipro_sample(device=device, rate=rate)
+    yield from gpu_sampling(device=device)
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_row(what, ours, ref, ratio):
+    ratio = ours / ref if ratio is None and ours is not None and ref else ratio
+    print(f"| {what} | {fmt(ours, '.4g')} | {fmt(ref, '.4g')} | {fmt(ratio, '.2f')} |", flush=True)
+
+
 def main(words):
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+    cpu = [fn for fn in ROWS if not words or any(w in fn.__name__ for w in words)]
+    if cpu:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+        print("| what | ours | reference | ratio |")
+        print("|---|---|---|---|")
+        for fn in cpu:
+            print_row(*fn())
+    if words and "gpu" not in words:
+        return
+    if not torch.cuda.is_available():
+        print("\nGPU rows skipped: no CUDA device (torch.cuda.is_available() is False)")
+        return
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
     print("| what | ours | reference | ratio |")
     print("|---|---|---|---|")
-    for fn in ROWS:
-        if words and not any(w in fn.__name__ for w in words):
-            continue
-        what, ours, ref, ratio = fn()
-        ratio = ours / ref if ratio is None else ratio
-        print(f"| {what} | {ours:.4g} | {ref:.4g} | {ratio:.2f} |", flush=True)
+    for r in gpu_table():
+        print_row(*r)
 
 
 if __name__ == "__main__":

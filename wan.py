@@ -228,9 +228,11 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, rope):
-        # x (B, L, dim) float32 residual stream; e0 (B, L or 1, 6, dim) float32.
+        # x (B, L, dim) float32 residual stream; e0: six (B, L or 1, dim) float32 tensors, kept
+        # apart so backward adds each term's gradient in place (one (6, B, L, dim) tensor would be
+        # split here and its gradient stacked into a fresh copy in every block).
         with no_autocast(x.device):
-            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).unbind(2)
+            shift1, scale1, gate1, shift2, scale2, gate2 = (m + e for m, e in zip(self.modulation[0], e0))
         x = x + self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope=rope) * gate1
         x = x + self.cross_attn(self.norm3(x), context=context)  # ungated, as in the official code
         x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
@@ -246,7 +248,7 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         with no_autocast(x.device):  # the official head runs in float32
-            shift, scale = (self.modulation + e[:, :, None]).unbind(2)
+            shift, scale = (m + e for m in self.modulation[0])               # (B, L or 1, dim) each
             return self.head(self.norm(x) * (1 + scale) + shift)
 
 
@@ -329,8 +331,17 @@ class WanModel(nn.Module):
         # Time: one embedding per sample (t (B,)) or per token (t (B, L)); float32, no autocast.
         with no_autocast(x.device):
             tt = t if t.ndim == 2 else t[:, None]                            # (B, 1 or L)
-            e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim)
-            e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))          # (B, 1 or L, 6, dim)
+            # Per-token t takes a few values (TI2V: 0 on the first frame, t elsewhere): on the CPU each
+            # value goes through the time MLPs once (at CPU sizes they are ~7% of the DiT's work). Not
+            # on a GPU: torch.unique would wait for the device, and at 5B the MLPs are ~1% of the work.
+            index = None
+            if tt.shape[1] > 1 and tt.device.type == "cpu":
+                tt, index = torch.unique(tt, return_inverse=True)            # (U,), (B, L)
+            e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim) or (U, dim)
+            e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim)).movedim(-2, 0)  # (6, B, 1 or L, dim) / (6, U, dim)
+            if index is not None:
+                e, e0 = e[index], e0[:, index]                               # (B, L, dim), (6, B, L, dim)
+            e0 = e0.contiguous().unbind(0)                                   # 6 x (B, 1 or L, dim)
 
         # Text: pad to text_len with zeros before embedding; padded rows are attended.
         if not torch.is_tensor(context):
@@ -1629,23 +1640,40 @@ def frozen(model):
     return lambda *args, **kwargs: torch.func.functional_call(model, params, args, kwargs)
 
 
+def cat_contexts(a, b):
+    """Two text batches as one for a single DiT call: tensors padded with zero rows to a common
+    length (the DiT pads to text_len with zeros anyway, so nothing changes), or lists joined."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        n = max(a.shape[1], b.shape[1])
+        return torch.cat([F.pad(c, (0, 0, 0, n - c.shape[1])) for c in (a, b)])   # (2B, n, text_dim)
+    return [*a, *b]
+
+
 def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
     """Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); one DiT call when g == 1.
 
-    The unconditional pass never keeps a graph (it runs under no_grad): under a gradient window
-    the gradient flows through g * v_cond only, which halves the activation memory. ROLL and
-    Lightning train and sample with g = 1, where this is exact.
+    Without gradients (sampling, the rollout's early steps, the KL reference) both passes are one
+    DiT call on a doubled batch: the weights are read and the kernels launched once, not twice.
+    Under a gradient they stay two calls and the unconditional one runs under no_grad: a batched
+    call would save both halves' activations for backward (twice the memory of a windowed step)
+    even with the unconditional half detached afterwards. The gradient then flows through
+    g * v_cond only; ROLL and Lightning train and sample with g = 1, where this is exact.
     """
-    v = model(x_t, t, context, y=y)
     if guidance == 1.0:
-        return v
+        return model(x_t, t, context, y=y)
     if context_null is None:
         raise ValueError(f"guidance {guidance} needs context_null (the encoded NEG_PROMPT)")
     B = x_t.shape[0]
     if len(context_null) == 1 and B > 1:  # one negative prompt for the whole batch
         context_null = context_null.expand(B, -1, -1) if torch.is_tensor(context_null) else list(context_null) * B
-    with torch.no_grad():
-        v_uncond = model(x_t, t, context_null, y=y)
+    if torch.is_grad_enabled():
+        v = model(x_t, t, context, y=y)
+        with torch.no_grad():
+            v_uncond = model(x_t, t, context_null, y=y)
+    else:
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_contexts(context, context_null),
+                     y=None if y is None else torch.cat([y, y]))                # (2B, C, f, h, w)
+        v, v_uncond = both.chunk(2)
     return v_uncond + guidance * (v - v_uncond)
 
 
@@ -1721,11 +1749,13 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
         # = (1 - mask) * z_img + mask * x of the official code, mask 0 on the first frame only.
         x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
 
+    # Python floats (exact: float32 or integer values), so choosing the expert and filling t never
+    # waits for the device.
+    ts = timesteps.float().tolist()
     trace, graph_calls, v = [], 0, None
     for i in tqdm(range(steps), disable=not progress, desc="sampling"):
-        t = timesteps[i].to(device=x.device, dtype=torch.float32)
-        e = 0 if len(experts) == 1 or t.item() >= cfg.boundary * 1000 else 1
-        t_in = t_mask * t if t_mask is not None else t.expand(B)          # (B, L) or (B,)
+        e = 0 if len(experts) == 1 or ts[i] >= cfg.boundary * 1000 else 1
+        t_in = t_mask * ts[i] if t_mask is not None else x.new_full((B,), ts[i])   # (B, L) or (B,)
         windowed = grad and i in window
         x_path = windowed or (grad and K > 0 and grad_window == "first" and i >= K)
         with torch.set_grad_enabled(x_path):

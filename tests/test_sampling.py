@@ -208,6 +208,23 @@ def test_guidance_combines_cond_and_uncond_without_uncond_graph():
         wan.velocity(model, noise, t, ctx, None, guidance=4.0)
 
 
+def test_guidance_without_grad_is_one_batched_call():
+    model = Probe(tiny(TI2V), 1)
+    noise, z_img, ctx, ctx_null = ti2v_inputs(B=2)
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        v = wan.velocity(model, noise, t, ctx, ctx_null, guidance=4.0)
+        m = model.model
+        v_c, v_u = m(noise, t, ctx), m(noise, t, ctx_null.expand(2, -1, -1))
+    assert model.n == 1 and model.x[0].shape[0] == 4
+    torch.testing.assert_close(v, v_u + 4.0 * (v_c - v_u))
+    # Contexts of different lengths, as lists: the same as padded tensors.
+    with torch.no_grad():
+        w = wan.velocity(m, noise, t, list(ctx), list(ctx_null[:, :5]), guidance=4.0)
+        v_u5 = m(noise, t, ctx_null[:, :5].expand(2, -1, -1))
+    torch.testing.assert_close(w, v_u5 + 4.0 * (v_c - v_u5))
+
+
 def test_a14b_condition_layout():
     z = torch.randn(2, 16, 3, 4, 4)                             # 3 latent frames = 9 pixel frames
     y = wan.a14b_condition(z)
@@ -226,7 +243,9 @@ def test_a14b_expert_switch_and_guidance_per_expert():
     ctx, ctx_null = torch.randn(1, 5, 24, generator=g), torch.randn(1, 5, 24, generator=g)
     x0 = wan.generate((high, low), A14B, noise, ctx, ctx_null, y=y, steps=8, guidance=(3.5, 1.0), solver="euler")
     assert x0.shape == noise.shape
-    assert high.n == 2 * 3 and low.n == 5                       # CFG doubles the high-noise calls only
+    # Sampling runs without gradient, so CFG is one call on a doubled batch, on the high-noise expert only.
+    assert high.n == 3 and low.n == 5
+    assert [len(x) for x in high.x] == [2, 2, 2] and [len(x) for x in low.x] == [1] * 5
     assert all((t >= 900).all() for t in high.t) and all((t < 900).all() for t in low.t)
     _, trace = wan.generate((high, low), A14B, noise, ctx, ctx_null, y=y, steps=8, guidance=(3.5, 1.0),
                             solver="euler", grad_last_k=4, return_trace=True)
