@@ -320,12 +320,12 @@ def _train_step_peak_mb(folder, steps):
                            "--sample-steps", str(steps), "--grad-steps", "4", "--size", "128", "128"])
     cfg = wan.get_config("tiny")
     device = torch.device("cpu")
-    experts, ref, vae, faces = train.load_models(args, cfg, device)
+    models = train.load_models(args, cfg, device)
     ds = data.ClipDataset(folder, "train", cfg.frame_num, tuple(args.size))
     batch = data.collate([ds[0], ds[1]], device)
 
     def step():
-        loss, _ = train.ipro_loss(args, cfg, experts, experts[-1], ref, vae, faces, batch, 0, [0, 1], device)
+        loss, _ = train.ipro_loss(args, cfg, models, batch, 0, [0, 1])
         loss.backward()
     step()                                           # warm-up: allocator pools and lazy init are not the step
     return _peak_growth_mb(step, ())
@@ -667,29 +667,29 @@ def ipro_sample_stages(preset, frames, size, device):
                            "--size", str(size[0]), str(size[1])])
     device = torch.device(device)
     with random_weights(device):
-        experts, ref, vae, faces = train.load_models(args, cfg, device)
-    faces.detector = CentredFace()
+        models = train.load_models(args, cfg, device)
+    models.faces.detector = CentredFace()
     g = torch.Generator().manual_seed(0)
     video = torch.rand(1, 3, frames, *size, generator=g) * 2 - 1
     batch = dict(video=video.to(device), image=video[:, :, 0].to(device),
                  context=[torch.randn(20, cfg.text_dim, generator=g).to(device)],
-                 pool_emb=[F.normalize(torch.randn(4, faces.embedder.dim, generator=g), dim=-1).to(device)],
+                 pool_emb=[F.normalize(torch.randn(4, models.faces.embedder.dim, generator=g), dim=-1).to(device)],
                  pool_frames=[torch.arange(1, 5).to(device)])
-    policy = experts[-1]
+    policy = models.experts[-1]
 
     def sample(backward=lambda loss: loss.backward()):
-        loss, _ = train.ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, 0, [0], device)
+        loss, _ = train.ipro_loss(args, cfg, models, batch, 0, [0])
         backward(loss)
         policy.zero_grad(set_to_none=True)
     sample()                                                                # warm-up
     stages = Stages(device)
     sync(device)
     t0 = time.perf_counter()
-    with stages.patch(train, vae):
+    with stages.patch(train, models.vae):
         sample(stages.wrap("backward", lambda loss: loss.backward()))
     sync(device)
     total = time.perf_counter() - t0
-    del experts, ref, vae, faces, policy
+    del models, policy
     free_memory(device)
     return stages, total, args
 

@@ -37,6 +37,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -276,9 +277,20 @@ def check_inputs(args, cfg, world):
 # Models: the DiT(s), the frozen VAE, the face reward
 
 
+@dataclass
+class Models:
+    """What a run computes with, fixed for the run. The policy is experts[-1] (under torchrun with
+    LoRA, its DDP wrapper); ref is None with LoRA: the KL reference is the policy with its LoRA off."""
+    experts: tuple                 # the DiTs in sampling order, the trainable one last
+    ref: torch.nn.Module = None    # full fine-tuning's frozen copy for the KL
+    vae: torch.nn.Module = None
+    faces: torch.nn.Module = None  # the face reward (None when nothing scores faces)
+    context_null: list = None      # --guidance > 1: [the negative prompt's embedding], broadcast over the batch
+
+
 def load_models(args, cfg, device):
-    """Returns experts (tuple of DiTs, the trainable one last), the frozen reference for the KL
-    (None with LoRA: the same model with adapters off), the VAE and the face reward."""
+    """Models: the DiTs (the trainable one last), the frozen reference for the KL (None with LoRA:
+    the same model with adapters off), the VAE and the face reward."""
     # The same loader as sample.py and eval.py, so a checkpoint trained here samples there unchanged
     # (the tiny preset's random base included: wan.load_experts seeds it).
     # They come frozen, in --base-dtype (cast on the CPU, before they reach the GPU); the trained
@@ -311,7 +323,7 @@ def load_models(args, cfg, device):
     vae = wan.load_vae(cfg, vae_src, dtype=DTYPES[args.vae_dtype], device=device)
     faces = reward.load_face_models(args.face_model, args.detector, device=device) \
         if (args.method == "ipro" or args.sft_face_weight > 0) else None
-    return experts, ref, vae, faces
+    return Models(tuple(experts), ref, vae, faces)
 
 
 def trainable_parameters(model):
@@ -341,12 +353,14 @@ def face_score(faces, video, batch, args):
     return R, len(scores), sum(face_frac) / len(face_frac), no_input_face
 
 
-def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
+def ipro_loss(args, cfg, models, batch, step, indices):
+    """One IPRO micro-batch (the module docstring's steps 1-6): returns (loss, logged statistics)."""
+    experts, policy, device = models.experts, models.experts[-1], batch["video"].device
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
-    noise = torch.stack([torch.randn(wan.latent_shape(vae, 1, frames, H, W)[1:], device=device,
+    noise = torch.stack([torch.randn(wan.latent_shape(models.vae, 1, frames, H, W)[1:], device=device,
                                      generator=sample_generator(args.seed, step, i, device)) for i in indices])
-    cond = wan.condition(cfg, vae, batch["image"], frames)
-    context, context_null = batch["context"], batch.get("context_null")
+    cond = wan.condition(cfg, models.vae, batch["image"], frames)
+    context, context_null = batch["context"], models.context_null
     with autocast(args, device):
         _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
                                 guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
@@ -360,13 +374,13 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
         for s in trace.steps:
             if s["expert"] != len(experts) - 1:
                 continue
-            with torch.no_grad(), (wan.lora_disabled(policy) if ref is None else nullcontext()):
-                v_ref = wan.velocity(unwrap(policy) if ref is None else ref, s["x_t"], s["t"], context, context_null,
-                                     y=cond.get("y"), guidance=args.guidance)
+            with torch.no_grad(), (wan.lora_disabled(policy) if models.ref is None else nullcontext()):
+                v_ref = wan.velocity(unwrap(policy) if models.ref is None else models.ref, s["x_t"], s["t"], context,
+                                     context_null, y=cond.get("y"), guidance=args.guidance)
             kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
-    video = vae.decode(trace.x0_hat.float(), checkpoint=True)                    # (B, 3, F, H, W)
-    R, n_face, face_frac, no_input_face = face_score(faces, video, batch, args)
+    video = models.vae.decode(trace.x0_hat.float(), checkpoint=True)            # (B, 3, F, H, W)
+    R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
     loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
     stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
                  n_face=n_face, graph_calls=trace.graph_calls)
@@ -375,11 +389,12 @@ def ipro_loss(args, cfg, experts, policy, ref, vae, faces, batch, step, indices,
     return loss, stats
 
 
-def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device, latents=None):
+def sft_loss(args, cfg, models, batch, step, indices, latents=None):
     """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
     v = eps - x_0, sigma shifted like the sampler's (A14B's low-noise expert: below cfg.boundary
     only); the first latent frame stays clean (TI2V).
     `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
+    vae, device = models.vae, batch["video"].device
     latents = {} if latents is None else latents
     with torch.no_grad():
         for k, clip in enumerate(batch["clip_id"]):
@@ -409,7 +424,7 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
         cond = wan.condition(cfg, vae, batch["image"], batch["video"].shape[2])
         t = sigma * 1000
     with autocast(args, device):
-        v = experts[-1](x_t, t, batch["context"], **cond).float()
+        v = models.experts[-1](x_t, t, batch["context"], **cond).float()
     first = 1 if cfg.model_type == "ti2v" else 0
     loss = F.mse_loss(v[:, :, first:], (eps - x0)[:, :, first:])
     stats = dict(fm_loss=loss.item())
@@ -417,7 +432,8 @@ def sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, devic
         x0_hat = x_t - s * v
         if cfg.model_type == "ti2v":
             x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
-        R, n_face, face_frac, no_input_face = face_score(faces, vae.decode(x0_hat, checkpoint=True), batch, args)
+        video = vae.decode(x0_hat, checkpoint=True)
+        R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
         loss = loss - args.sft_face_weight * R
         stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
         if args.score == "first":
@@ -879,24 +895,25 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     try:
-        experts, ref, vae, faces = load_models(args, cfg, device)
+        models = load_models(args, cfg, device)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}")
+    faces = models.faces
     if faces is not None and pool_dim != faces.embedder.dim:
         raise SystemExit(f"--data {args.data}: face pools of {pool_dim}-d embeddings, the reward's face model "
                          f"gives {faces.embedder.dim}-d: prepare the data with the same --face-model")
-    policy = experts[-1]
+    policy = models.experts[-1]
     if ddp and args.lora_rank > 0:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
     elif ddp:
         # FSDP2 shards the frozen DiTs too (A14B's high-noise expert, the KL reference): every rank
         # runs each of their forwards, so they can be gathered block by block like the trained one.
         from torch.distributed.fsdp import fully_shard
-        for model in [*experts] + ([ref] if ref is not None else []):
+        for model in [*models.experts] + ([models.ref] if models.ref is not None else []):
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
-    experts = (*experts[:-1], policy)
+    models.experts = (*models.experts[:-1], policy)
     opt = make_optimizer(args, trainable_parameters(policy))
     start, log_pos = 0, 0
     if state is not None:
@@ -921,7 +938,7 @@ def main(argv=None):
     bad, latents = 0, {}
     # CFG (--guidance > 1, e.g. a model without a distillation LoRA): one negative prompt, which
     # wan.velocity broadcasts over the batch.
-    neg = None if neg is None else [neg.to(device)]
+    models.context_null = None if neg is None else [neg.to(device)]
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
     for step in bar:
@@ -934,16 +951,13 @@ def main(argv=None):
         for m in range(accum):
             chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
             batch = data.collate([dataset[i] for _, i in chunk], device)
-            batch["context_null"] = neg
             indices = [j for j, _ in chunk]
             sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
             with sync:
                 if args.method == "ipro":
-                    loss, stats = ipro_loss(args, cfg, experts, policy, ref, vae, faces,
-                                            batch, step, indices, device)
+                    loss, stats = ipro_loss(args, cfg, models, batch, step, indices)
                 else:
-                    loss, stats = sft_loss(args, cfg, experts, policy, vae, faces, batch, step, indices, device,
-                                           latents)
+                    loss, stats = sft_loss(args, cfg, models, batch, step, indices, latents)
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
             for k, v in stats.items():
@@ -982,7 +996,7 @@ def main(argv=None):
             save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
             saved = step + 1
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            write_sample(args, cfg, experts, vae, dataset, step + 1, device, master, neg)
+            write_sample(args, cfg, models, dataset, step + 1, device, master)
         if stop["flag"]:
             if master:
                 print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting (continue with --resume)")
@@ -1010,15 +1024,16 @@ def open_trackers(args):
 
 
 @torch.no_grad()
-def write_sample(args, cfg, experts, vae, dataset, step, device, master, neg=None):
+def write_sample(args, cfg, models, dataset, step, device, master):
     """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
     Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
+    vae = models.vae
     batch = data.collate([dataset[0]], device)
     frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
     g = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
     with autocast(args, device):
-        z = wan.generate(experts, cfg, noise, batch["context"], neg, steps=args.sample_steps, shift=args.shift,
+        z = wan.generate(models.experts, cfg, noise, batch["context"], models.context_null, steps=args.sample_steps, shift=args.shift,
                          guidance=args.guidance, solver=args.solver,
                          **wan.condition(cfg, vae, batch["image"], frames))
     video = vae.decode(z)[0]

@@ -7,6 +7,7 @@ saves, and non-finite steps are skipped.
 The base model is made here, as the demo makes it: the tiny DiT fine-tuned by `--method sft`
 (full weights) on two demo clips with the fitted demo VAE, so its samples show faces."""
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -164,7 +165,7 @@ def ipro_runs(clips, base, tmp_path_factory):
 
     def keep(*args):                            # the trained policy, to compare the saved LoRA with
         models = load(*args)
-        runs[kl]["policy"] = models[0][-1]
+        runs[kl]["policy"] = models.experts[-1]
         return models
 
     patch = pytest.MonkeyPatch()
@@ -302,9 +303,10 @@ def models(base, *argv):
 @pytest.mark.parametrize("rank", ["8", "0"])
 def test_fresh_model_has_kl_exactly_zero(judge, base, rank):
     """A fresh LoRA (up = 0) and the full fine-tuning's reference copy: v_theta == v_ref bitwise."""
-    args, (experts, ref, vae, faces) = models(base, "--lora-rank", rank)
+    args, m = models(base, "--lora-rank", rank)
+    experts, ref, vae = m.experts, m.ref, m.vae
     batch = judge[2][0]
-    loss, stats = train.ipro_loss(args, CFG, experts, experts[-1], ref, vae, faces, batch, 0, [0], CPU)
+    loss, stats = train.ipro_loss(args, CFG, m, batch, 0, [0])
     assert stats["kl"] == 0.0 and stats["kl_steps"] == [0.0] * args.grad_steps
     assert stats["n_face"] == 1, "the SFT base should generate a face"
     noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size))
@@ -322,8 +324,8 @@ def test_fresh_model_has_kl_exactly_zero(judge, base, rank):
 def test_gradients_come_only_from_the_window(judge, base, window, window_calls):
     """LoRA gradients of one IPRO loss are unchanged when the LoRA weights are left out of the graph
     in the sampler's DiT calls outside the window, and vanish when they are left out inside it."""
-    args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", "--grad-window", window)
-    policy = experts[-1]
+    args, m = models(base, "--lora-rank", "8", "--grad-window", window)
+    policy = m.experts[-1]
     lora = [p for p in policy.parameters() if p.requires_grad]
     torch.manual_seed(1)
     with torch.no_grad():                      # a trained-looking adapter, so that the KL has a gradient too
@@ -339,7 +341,7 @@ def test_gradients_come_only_from_the_window(judge, base, window, window_calls):
             calls.append(len(calls))
 
         hook = policy.register_forward_pre_hook(leave_out)
-        loss, stats = train.ipro_loss(args, CFG, experts, policy, ref, vae, faces, judge[2][0], 0, [0], CPU)
+        loss, stats = train.ipro_loss(args, CFG, m, judge[2][0], 0, [0])
         hook.remove()
         for p in lora:
             p.requires_grad_(True)
@@ -363,15 +365,15 @@ def test_bf16_base_and_autocast_match_fp32(clips, judge, base, tmp_path):
     autocast, and one IPRO loss with its LoRA gradient lands near the float32 one."""
     results = {}
     for name, argv in (("fp32", []), ("bf16", ["--base-dtype", "bf16", "--dtype", "bf16"])):
-        args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", *argv)
-        policy = experts[-1]
+        args, m = models(base, "--lora-rank", "8", *argv)
+        policy = m.experts[-1]
         dtypes = {n: p.dtype for n, p in policy.named_parameters()}
         lora = [p for n, p in policy.named_parameters() if "lora_" in n]
         torch.manual_seed(1)
         with torch.no_grad():                  # an adapter that moves v well above bf16's rounding noise
             for p in lora:
                 p.add_(torch.randn_like(p) * 0.05)
-        loss, stats = train.ipro_loss(args, CFG, experts, policy, ref, vae, faces, judge[2][0], 0, [0], CPU)
+        loss, stats = train.ipro_loss(args, CFG, m, judge[2][0], 0, [0])
         loss.backward()
         results[name] = stats, torch.cat([p.grad.flatten() for p in lora]), dtypes
     (s32, g32, d32), (s16, g16, d16) = results["fp32"], results["bf16"]
@@ -613,8 +615,8 @@ def test_sigterm_saves_and_resume_continues(clips, base, tmp_path):
 def test_non_finite_loss_skips_and_stops(clips, base, tmp_path, monkeypatch):
     real, saved = train.ipro_loss, {}
 
-    def poisoned(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device):
-        loss, stats = real(args, cfg, experts, policy, ref, vae, faces, batch, step, indices, device)
+    def poisoned(args, cfg, models, batch, step, indices):
+        loss, stats = real(args, cfg, models, batch, step, indices)
         return (loss * float("nan") if step >= 2 else loss), stats      # steps 3 and 4 (0-based 2, 3)
 
     def save(args, cfg, policy, opt, step, *rest):
@@ -645,16 +647,14 @@ def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_
     d = subset(demo, CLIPS, tmp_path / "data")
     msg = fails("--data", d, "--out", str(tmp_path / "out"), "--guidance", "3")
     assert "negative_context" in msg and "data.py prepare" in msg
-    args, (experts, ref, vae, faces) = models(base, "--lora-rank", "8", "--guidance", "3")
+    args, m = models(base, "--lora-rank", "8", "--guidance", "3")
     batch = judge[2][0]
     rewards = {}
     for name, null in [("neg", neg), ("zeros", torch.zeros_like(neg))]:
-        loss, stats = train.ipro_loss(args, CFG, experts, experts[-1], ref, vae, faces,
-                                      {**batch, "context_null": [null]}, 0, [0], CPU)
+        loss, stats = train.ipro_loss(args, CFG, dataclasses.replace(m, context_null=[null]), batch, 0, [0])
         assert stats["kl"] == 0.0 and torch.isfinite(loss)       # a fresh LoRA, CFG on both sides of the KL
         rewards[name] = stats["reward"]
-    plain = train.ipro_loss(train.get_args([*COMMON, "--lora-rank", "8"]), CFG, experts, experts[-1], ref, vae,
-                            faces, batch, 0, [0], CPU)[1]["reward"]
+    plain = train.ipro_loss(train.get_args([*COMMON, "--lora-rank", "8"]), CFG, m, batch, 0, [0])[1]["reward"]
     assert len({rewards["neg"], rewards["zeros"], plain}) == 3   # the negative context and the scale both act
     shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
     log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
@@ -697,7 +697,7 @@ def test_kl_ignores_the_first_latent_frame_of_ti2v(monkeypatch):
     kls = {}
     for frame in (0, 1):
         policy = FirstFrameOff(ref, frame)
-        _, stats = train.ipro_loss(args, CFG, (policy,), policy, ref, vae, None, tiny_batch(), 0, [0], CPU)
+        _, stats = train.ipro_loss(args, CFG, train.Models((policy,), ref, vae), tiny_batch(), 0, [0])
         kls[frame] = stats["kl_steps"]
     assert len(kls[0]) == args.grad_steps and kls[0] == [0.0] * args.grad_steps
     assert min(kls[1]) > 0
@@ -718,7 +718,7 @@ def test_a14b_sft_trains_the_low_noise_expert_below_the_boundary():
     batch = tiny_batch()
     batch = {**batch, "video": batch["video"].expand(64, -1, -1, -1, -1), "image": batch["image"].expand(64, -1, -1, -1),
              "context": batch["context"] * 64, "clip_id": ["x"] * 64}
-    train.sft_loss(args, cfg, (Recorder(), Recorder()), None, vae, None, batch, 0, list(range(64)), CPU)
+    train.sft_loss(args, cfg, train.Models((Recorder(), Recorder()), vae=vae), batch, 0, list(range(64)))
     t = seen[0].amax(1)                           # (B,): the noisy tokens' timestep (frame 0 has t = 0)
     assert t.max() < cfg.boundary * 1000 and t.max() > 0.8 * cfg.boundary * 1000 and t.min() >= 0
 
