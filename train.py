@@ -144,6 +144,308 @@ def get_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
+# The method: one micro-batch of IPRO (rollout with truncated backprop, reward, KL) or of SFT
+
+
+@dataclass
+class Models:
+    """What a run computes with, fixed for the run. The policy is experts[-1] (under torchrun with
+    LoRA, its DDP wrapper); ref is None with LoRA: the KL reference is the policy with its LoRA off."""
+    experts: tuple                 # the DiTs in sampling order, the trainable one last
+    ref: torch.nn.Module = None    # full fine-tuning's frozen copy for the KL
+    vae: torch.nn.Module = None
+    faces: torch.nn.Module = None  # the face reward (None when nothing scores faces)
+    context_null: list = None      # --guidance > 1: [the negative prompt's embedding], broadcast over the batch
+
+
+def face_score(faces, video, batch, args):
+    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1].
+    Returns (R_face, samples scored, mean face fraction, samples whose input image has no face: with
+    --score first they are not scored, never compared with the pool instead)."""
+    every = max(1, args.reward_frames)
+    scores, face_frac, no_input_face = [], [], 0
+    for b in range(video.shape[0]):
+        frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
+        out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
+                          pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
+                          image=batch["image"][b])
+        face_frac.append(out["face_frac"])
+        no_input_face += out.get("input_face") is False
+        if out["has_face"]:
+            scores.append(out["reward"])
+    R = torch.stack(scores).mean() if scores else video.sum() * 0.0  # zero, still in the graph
+    return R, len(scores), sum(face_frac) / len(face_frac), no_input_face
+
+
+def ipro_loss(args, cfg, models, batch, step, indices):
+    """One IPRO micro-batch (the module docstring's steps 1-6): returns (loss, logged statistics)."""
+    experts, policy, device = models.experts, models.experts[-1], batch["video"].device
+    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
+    noise = torch.stack([torch.randn(wan.latent_shape(models.vae, 1, frames, H, W)[1:], device=device,
+                                     generator=sample_generator(args.seed, step, i, device)) for i in indices])
+    cond = wan.condition(cfg, models.vae, batch["image"], frames)
+    context, context_null = batch["context"], models.context_null
+    with autocast(args, device):
+        _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
+                                guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
+                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True,
+                                checkpoint_calls=args.checkpointing == "call", **cond)
+        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert. TI2V: the
+        # sampler replaces latent frame 0 by the image latent after every step, so its velocity is
+        # never used; it is left out, as in sft_loss.
+        first = 1 if cfg.model_type == "ti2v" else 0
+        kl_steps = []
+        for s in trace.steps:
+            if s["expert"] != len(experts) - 1:
+                continue
+            with torch.no_grad(), (wan.lora_disabled(policy) if models.ref is None else nullcontext()):
+                v_ref = wan.velocity(unwrap(policy) if models.ref is None else models.ref, s["x_t"], s["t"], context,
+                                     context_null, y=cond.get("y"), guidance=args.guidance)
+            kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
+    kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
+    video = models.vae.decode(trace.x0_hat.float(), checkpoint=True)            # (B, 3, F, H, W)
+    R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
+    loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
+    stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
+                 n_face=n_face, graph_calls=trace.graph_calls)
+    if args.score == "first":
+        stats["no_input_face"] = no_input_face
+    return loss, stats
+
+
+def sft_loss(args, cfg, models, batch, step, indices, latents=None):
+    """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
+    v = eps - x_0, sigma shifted like the sampler's (A14B's low-noise expert: below cfg.boundary
+    only); the first latent frame stays clean (TI2V).
+    `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
+    vae, device = models.vae, batch["video"].device
+    latents = {} if latents is None else latents
+    with torch.no_grad():
+        for k, clip in enumerate(batch["clip_id"]):
+            if clip not in latents:
+                latents[clip] = vae.encode(batch["video"][k:k + 1])[0]
+        x0 = torch.stack([latents[c] for c in batch["clip_id"]])                # (B, C, f, h, w)
+    B = x0.shape[0]
+    gens = [sample_generator(args.seed, step, i, device) for i in indices]
+    eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
+    u = torch.stack([torch.rand((), device=device, generator=g) for g in gens])
+    if len(cfg.experts) > 1:
+        # A14B trains the low-noise expert, which runs only below the boundary (sigma < b): u is
+        # drawn in [0, u_b), the u whose shifted sigma is b, so no step is spent where it never samples.
+        b = cfg.boundary
+        u = u * b / (args.shift - (args.shift - 1) * b)
+    sigma = wan.shift_sigma(u, args.shift)                                       # (B,)
+    s = sigma.view(B, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    cond = {}
+    if cfg.model_type == "ti2v":
+        x_t = torch.cat([x0[:, :, :1], x_t[:, :, 1:]], dim=2)
+        t = wan.ti2v_t_mask(cfg, x0) * (sigma * 1000)[:, None]                 # first-frame tokens: t = 0
+    else:
+        cond = wan.condition(cfg, vae, batch["image"], batch["video"].shape[2])
+        t = sigma * 1000
+    with autocast(args, device):
+        v = models.experts[-1](x_t, t, batch["context"], **cond).float()
+    first = 1 if cfg.model_type == "ti2v" else 0
+    loss = F.mse_loss(v[:, :, first:], (eps - x0)[:, :, first:])
+    stats = dict(fm_loss=loss.item())
+    if args.sft_face_weight > 0:
+        x0_hat = x_t - s * v
+        if cfg.model_type == "ti2v":
+            x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
+        video = vae.decode(x0_hat, checkpoint=True)
+        R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
+        loss = loss - args.sft_face_weight * R
+        stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
+        if args.score == "first":
+            stats["no_input_face"] = no_input_face
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = wan.get_config(args.model)
+    ddp, rank, world, device = setup_distributed(args)
+    master = rank == 0
+    check_flags(args, cfg, ddp)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.dry_run:
+        if master:
+            dry_run(args, cfg, args.world_size or world)
+        return
+    if master:
+        print(json.dumps(vars(args), indent=1))
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset, pool_dim, neg = check_inputs(args, cfg, world)
+    state = resume_state(args, cfg, ddp, master) if args.resume else None
+
+    torch.manual_seed(args.seed)
+    try:
+        models = load_models(args, cfg, device)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"error: {err}")
+    faces = models.faces
+    if faces is not None and pool_dim != faces.embedder.dim:
+        raise SystemExit(f"--data {args.data}: face pools of {pool_dim}-d embeddings, the reward's face model "
+                         f"gives {faces.embedder.dim}-d: prepare the data with the same --face-model")
+    policy = distribute(args, models) if ddp else models.experts[-1]
+    opt = torch.optim.Adam(trainable_parameters(policy), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    start, log_pos = 0, 0
+    if state is not None:
+        restore(args, policy, opt, state)
+        start, log_pos = state["step"], state["log_pos"]
+    saved = start
+    log_path = os.path.join(args.out, "train.jsonl")
+    if master:
+        open_log(args, log_path, log_pos)
+    trackers = open_trackers(args) if master else []
+
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    per_rank = args.batch // world
+    accum = per_rank // args.micro_batch
+    bad, latents = 0, {}
+    # CFG (--guidance > 1, e.g. a model without a distillation LoRA): one negative prompt, which
+    # wan.velocity broadcasts over the batch.
+    models.context_null = None if neg is None else [neg.to(device)]
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
+    for step in bar:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        order = global_order(len(dataset), args.seed, step, args.batch)[rank * per_rank:(rank + 1) * per_rank]
+        sums, loss_sum = {}, 0.0
+        for m in range(accum):
+            chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
+            batch = data.collate([dataset[i] for _, i in chunk], device)
+            indices = [j for j, _ in chunk]
+            sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
+            with sync:
+                if args.method == "ipro":
+                    loss, stats = ipro_loss(args, cfg, models, batch, step, indices)
+                else:
+                    loss, stats = sft_loss(args, cfg, models, batch, step, indices, latents)
+                (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            for k, v in stats.items():
+                sums.setdefault(k, []).append(v)
+        stats = {k: (v if k == "kl_steps" else sum(v) / len(v)) for k, v in sums.items()}
+        if "kl_steps" in stats:
+            stats["kl_steps"] = [sum(x) / len(x) for x in zip(*stats["kl_steps"])]
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), args.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if ddp:
+            # The log shows the global batch, and every rank must agree on skipping and on stopping.
+            loss_sum, stats, stop["flag"] = mean_over_ranks(loss_sum, stats, stop["flag"], device)
+        finite = bool(torch.isfinite(norm)) and math.isfinite(loss_sum)
+        if finite:
+            opt.step()
+            bad = 0
+        else:
+            bad += 1
+        opt.zero_grad(set_to_none=True)
+        record = dict(step=step + 1, loss=loss_sum, grad_norm=norm.item(), lr=lr, skipped=not finite,
+                      step_time=time.time() - t0, peak_mem=peak_memory_gb(device), **stats)
+        if master:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                log_pos = fh.tell()
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "fm_loss") if k in record})
+            for tr in trackers:
+                tr(record)
+        if bad >= args.max_bad_steps:
+            kept = f"the last checkpoint (step {saved}) is intact" if saved else \
+                "no checkpoint was written (check the starting weights: --init, --weights, --lora)"
+            raise SystemExit(f"stopping: {bad} non-finite steps in a row (last loss {loss_sum}); "
+                             f"the weights were not updated by them and {kept}")
+        last = step + 1 == args.steps
+        if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
+            saved = step + 1
+        if args.sample_every and (step + 1) % args.sample_every == 0:
+            write_sample(args, cfg, models, dataset, step + 1, device, master)
+        if stop["flag"]:
+            if master:
+                print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting (continue with --resume)")
+            break
+    if ddp:
+        dist.destroy_process_group()
+    if stop["flag"]:
+        # Not 0: a chained command (demo.sh, `train && eval`) must not go on from an unfinished run.
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def mean_over_ranks(loss, stats, stop, device):
+    """One all-reduce: the loss and the logged statistics averaged over ranks, and stop if any rank
+    got SIGTERM (a rank saving alone would wait forever for the others in the collective save)."""
+    keys = sorted(stats)
+    flat = [loss, float(stop)] + [x for k in keys for x in (stats[k] if isinstance(stats[k], list) else [stats[k]])]
+    t = torch.tensor(flat, dtype=torch.float64, device=device)   # NCCL reduces only CUDA tensors
+    dist.all_reduce(t)
+    t = (t / dist.get_world_size()).tolist()
+    out, pos = {}, 2
+    for k in keys:
+        n = len(stats[k]) if isinstance(stats[k], list) else 1
+        out[k] = t[pos:pos + n] if isinstance(stats[k], list) else t[pos]
+        pos += n
+    return t[0], out, t[1] > 0
+
+
+def global_order(n, seed, step, batch):
+    """Dataset indices of the step's global batch: a fresh permutation every epoch, seeded."""
+    out = []
+    for j in range(step * batch, (step + 1) * batch):
+        epoch, pos = divmod(j, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append((j, perm[pos].item()))
+    return out
+
+
+def open_trackers(args):
+    """Optional loggers, used only if installed and asked for."""
+    out = []
+    if args.wandb:
+        import wandb
+        wandb.init(project="ipro", config=vars(args))
+        out.append(lambda r: wandb.log({k: v for k, v in r.items() if not isinstance(v, list)}, step=r["step"]))
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.out, "tb"))
+        out.append(lambda r: [writer.add_scalar(k, v, r["step"]) for k, v in r.items()
+                              if isinstance(v, (int, float)) and k != "step"])
+    return out
+
+
+@torch.no_grad()
+def write_sample(args, cfg, models, dataset, step, device, master):
+    """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
+    Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
+    vae = models.vae
+    batch = data.collate([dataset[0]], device)
+    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
+    with autocast(args, device):
+        z = wan.generate(models.experts, cfg, noise, batch["context"], models.context_null, steps=args.sample_steps, shift=args.shift,
+                         guidance=args.guidance, solver=args.solver,
+                         **wan.condition(cfg, vae, batch["image"], frames))
+    video = vae.decode(z)[0]
+    if not master:
+        return
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), video, cfg.sample_fps)
+
+
+# -----------------------------------------------------------------------------
 # Setup: devices and the distributed block (nanoGPT style: on only when torchrun sets RANK)
 
 
@@ -183,6 +485,53 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def check_flags(args, cfg, ddp):
+    """Flag combinations that cannot run, refused before anything else."""
+    if args.offload_high_noise and (not cfg.experts or (ddp and args.lora_rank == 0)):
+        raise SystemExit("--offload-high-noise: only for a14b's high-noise expert, and not with FSDP2 "
+                         "(full fine-tuning under torchrun), which shards that expert instead")
+    if args.base_dtype == "bf16" and args.dtype != "bf16":
+        raise SystemExit("--base-dtype bf16 needs --dtype bf16: bf16 weights only meet float32 inputs under autocast")
+
+
+def distribute(args, models):
+    """Under torchrun: LoRA -> DDP around the policy, full fine-tuning -> FSDP2. Returns the policy
+    as the loop drives it (the wrapper), which also becomes models.experts[-1]."""
+    policy = models.experts[-1]
+    if args.lora_rank > 0:
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
+    else:
+        # FSDP2 shards the frozen DiTs too (A14B's high-noise expert, the KL reference): every rank
+        # runs each of their forwards, so they can be gathered block by block like the trained one.
+        from torch.distributed.fsdp import fully_shard
+        for model in [*models.experts] + ([models.ref] if models.ref is not None else []):
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+    models.experts = (*models.experts[:-1], policy)
+    return policy
+
+
+def resume_state(args, cfg, ddp, master):
+    # Rank 0 may finish a save that was cut (check_resume renames its file): the others read after it.
+    state = check_resume(args, cfg) if master else None
+    if ddp:
+        dist.barrier()
+    return state or check_resume(args, cfg)
+
+
+def open_log(args, log_path, log_pos):
+    """Rank 0: --overwrite clears the run in --out; the log loses the lines written after the
+    checkpoint we resume."""
+    if args.overwrite:
+        for path in [os.path.join(args.out, f) for f in RUN_FILES] + temp_files(args.out):
+            if os.path.isfile(path):
+                os.remove(path)
+        shutil.rmtree(os.path.join(args.out, "samples"), ignore_errors=True)
+    with open(log_path, "a+") as fh:
+        fh.truncate(log_pos)
 
 
 # -----------------------------------------------------------------------------
@@ -277,17 +626,6 @@ def check_inputs(args, cfg, world):
 # Models: the DiT(s), the frozen VAE, the face reward
 
 
-@dataclass
-class Models:
-    """What a run computes with, fixed for the run. The policy is experts[-1] (under torchrun with
-    LoRA, its DDP wrapper); ref is None with LoRA: the KL reference is the policy with its LoRA off."""
-    experts: tuple                 # the DiTs in sampling order, the trainable one last
-    ref: torch.nn.Module = None    # full fine-tuning's frozen copy for the KL
-    vae: torch.nn.Module = None
-    faces: torch.nn.Module = None  # the face reward (None when nothing scores faces)
-    context_null: list = None      # --guidance > 1: [the negative prompt's embedding], broadcast over the batch
-
-
 def load_models(args, cfg, device):
     """Models: the DiTs (the trainable one last), the frozen reference for the KL (None with LoRA:
     the same model with adapters off), the VAE and the face reward."""
@@ -328,117 +666,6 @@ def load_models(args, cfg, device):
 
 def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-# -----------------------------------------------------------------------------
-# One micro-batch: rollout with truncated backprop, reward, KL (IPRO) or flow matching (SFT)
-
-
-def face_score(faces, video, batch, args):
-    """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1].
-    Returns (R_face, samples scored, mean face fraction, samples whose input image has no face: with
-    --score first they are not scored, never compared with the pool instead)."""
-    every = max(1, args.reward_frames)
-    scores, face_frac, no_input_face = [], [], 0
-    for b in range(video.shape[0]):
-        frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
-        out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
-                          pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
-                          image=batch["image"][b])
-        face_frac.append(out["face_frac"])
-        no_input_face += out.get("input_face") is False
-        if out["has_face"]:
-            scores.append(out["reward"])
-    R = torch.stack(scores).mean() if scores else video.sum() * 0.0  # zero, still in the graph
-    return R, len(scores), sum(face_frac) / len(face_frac), no_input_face
-
-
-def ipro_loss(args, cfg, models, batch, step, indices):
-    """One IPRO micro-batch (the module docstring's steps 1-6): returns (loss, logged statistics)."""
-    experts, policy, device = models.experts, models.experts[-1], batch["video"].device
-    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
-    noise = torch.stack([torch.randn(wan.latent_shape(models.vae, 1, frames, H, W)[1:], device=device,
-                                     generator=sample_generator(args.seed, step, i, device)) for i in indices])
-    cond = wan.condition(cfg, models.vae, batch["image"], frames)
-    context, context_null = batch["context"], models.context_null
-    with autocast(args, device):
-        _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
-                                guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
-                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True,
-                                checkpoint_calls=args.checkpointing == "call", **cond)
-        # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert. TI2V: the
-        # sampler replaces latent frame 0 by the image latent after every step, so its velocity is
-        # never used; it is left out, as in sft_loss.
-        first = 1 if cfg.model_type == "ti2v" else 0
-        kl_steps = []
-        for s in trace.steps:
-            if s["expert"] != len(experts) - 1:
-                continue
-            with torch.no_grad(), (wan.lora_disabled(policy) if models.ref is None else nullcontext()):
-                v_ref = wan.velocity(unwrap(policy) if models.ref is None else models.ref, s["x_t"], s["t"], context,
-                                     context_null, y=cond.get("y"), guidance=args.guidance)
-            kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
-    kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
-    video = models.vae.decode(trace.x0_hat.float(), checkpoint=True)            # (B, 3, F, H, W)
-    R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
-    loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
-    stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
-                 n_face=n_face, graph_calls=trace.graph_calls)
-    if args.score == "first":
-        stats["no_input_face"] = no_input_face
-    return loss, stats
-
-
-def sft_loss(args, cfg, models, batch, step, indices, latents=None):
-    """Flow matching on the clips (paper Table 4's SFT): x_t = (1 - sigma) x_0 + sigma eps, target
-    v = eps - x_0, sigma shifted like the sampler's (A14B's low-noise expert: below cfg.boundary
-    only); the first latent frame stays clean (TI2V).
-    `latents` caches each clip's latent (the encoder is deterministic: it returns the mean)."""
-    vae, device = models.vae, batch["video"].device
-    latents = {} if latents is None else latents
-    with torch.no_grad():
-        for k, clip in enumerate(batch["clip_id"]):
-            if clip not in latents:
-                latents[clip] = vae.encode(batch["video"][k:k + 1])[0]
-        x0 = torch.stack([latents[c] for c in batch["clip_id"]])                # (B, C, f, h, w)
-    B = x0.shape[0]
-    gens = [sample_generator(args.seed, step, i, device) for i in indices]
-    eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=g) for g in gens])
-    u = torch.stack([torch.rand((), device=device, generator=g) for g in gens])
-    if len(cfg.experts) > 1:
-        # A14B trains the low-noise expert, which runs only below the boundary (sigma < b): u is
-        # drawn in [0, u_b), the u whose shifted sigma is b, so no step is spent where it never samples.
-        b = cfg.boundary
-        u = u * b / (args.shift - (args.shift - 1) * b)
-    sigma = args.shift * u / (1 + (args.shift - 1) * u)                         # (B,)
-    s = sigma.view(B, 1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * eps
-    cond = {}
-    if cfg.model_type == "ti2v":
-        x_t = torch.cat([x0[:, :, :1], x_t[:, :, 1:]], dim=2)
-        pt, ph, pw = cfg.patch_size
-        f, h, w = x0.shape[2] // pt, x0.shape[3] // ph, x0.shape[4] // pw
-        t = (sigma * 1000)[:, None].repeat(1, f * h * w)
-        t[:, : h * w] = 0                                                        # first-frame tokens: t = 0
-    else:
-        cond = wan.condition(cfg, vae, batch["image"], batch["video"].shape[2])
-        t = sigma * 1000
-    with autocast(args, device):
-        v = models.experts[-1](x_t, t, batch["context"], **cond).float()
-    first = 1 if cfg.model_type == "ti2v" else 0
-    loss = F.mse_loss(v[:, :, first:], (eps - x0)[:, :, first:])
-    stats = dict(fm_loss=loss.item())
-    if args.sft_face_weight > 0:
-        x0_hat = x_t - s * v
-        if cfg.model_type == "ti2v":
-            x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
-        video = vae.decode(x0_hat, checkpoint=True)
-        R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
-        loss = loss - args.sft_face_weight * R
-        stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
-        if args.score == "first":
-            stats["no_input_face"] = no_input_face
-    return loss, stats
 
 
 # -----------------------------------------------------------------------------
@@ -641,11 +868,11 @@ def dit_terms(cfg, L, compute_dtype):
     with torch.device("meta"), mock.patch.object(F, "scaled_dot_product_attention", FlashAttentionSaves.apply):
         block = wan.Block(cfg).to(compute_dtype).requires_grad_(True)
         x = torch.zeros(1, L, cfg.dim, requires_grad=True)                  # float32 residual stream
-        e0 = torch.zeros(1, L if cfg.model_type == "ti2v" else 1, 6, cfg.dim)
+        e0 = torch.zeros(6, 1, L if cfg.model_type == "ti2v" else 1, cfg.dim).unbind(0)   # as WanModel hands it
         ctx = torch.zeros(1, cfg.text_len, cfg.dim, dtype=compute_dtype)
         rope = torch.zeros(L, cfg.dim // cfg.num_heads // 2, dtype=torch.complex64)
         inside, _ = saved_bytes(lambda: block(x, e0, ctx, rope), skip=list(block.parameters()))
-    shared = nbytes([e0, ctx, rope])
+    shared = nbytes([*e0, ctx, rope])
     # backward of one block: its saved tensors, plus the gradients flowing in and out (float32)
     return nbytes([x]), inside, shared, inside + 2 * nbytes([x])
 
@@ -827,220 +1054,6 @@ def dry_run(args, cfg, world):
     if args.gpu_mem and peak / GB > args.gpu_mem:
         raise SystemExit(1)
     return dict(rows)
-
-
-# -----------------------------------------------------------------------------
-# The loop
-
-
-def make_optimizer(args, params):
-    return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
-
-
-def mean_over_ranks(loss, stats, stop, device):
-    """One all-reduce: the loss and the logged statistics averaged over ranks, and stop if any rank
-    got SIGTERM (a rank saving alone would wait forever for the others in the collective save)."""
-    keys = sorted(stats)
-    flat = [loss, float(stop)] + [x for k in keys for x in (stats[k] if isinstance(stats[k], list) else [stats[k]])]
-    t = torch.tensor(flat, dtype=torch.float64, device=device)   # NCCL reduces only CUDA tensors
-    dist.all_reduce(t)
-    t = (t / dist.get_world_size()).tolist()
-    out, pos = {}, 2
-    for k in keys:
-        n = len(stats[k]) if isinstance(stats[k], list) else 1
-        out[k] = t[pos:pos + n] if isinstance(stats[k], list) else t[pos]
-        pos += n
-    return t[0], out, t[1] > 0
-
-
-def global_order(n, seed, step, batch):
-    """Dataset indices of the step's global batch: a fresh permutation every epoch, seeded."""
-    out = []
-    for j in range(step * batch, (step + 1) * batch):
-        epoch, pos = divmod(j, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append((j, perm[pos].item()))
-    return out
-
-
-def main(argv=None):
-    args = get_args(argv)
-    cfg = wan.get_config(args.model)
-    ddp, rank, world, device = setup_distributed(args)
-    master = rank == 0
-    if args.offload_high_noise and (not cfg.experts or (ddp and args.lora_rank == 0)):
-        raise SystemExit("--offload-high-noise: only for a14b's high-noise expert, and not with FSDP2 "
-                         "(full fine-tuning under torchrun), which shards that expert instead")
-    if args.base_dtype == "bf16" and args.dtype != "bf16":
-        raise SystemExit("--base-dtype bf16 needs --dtype bf16: bf16 weights only meet float32 inputs under autocast")
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if args.dry_run:
-        if master:
-            dry_run(args, cfg, args.world_size or world)
-        return
-    if master:
-        print(json.dumps(vars(args), indent=1))
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset, pool_dim, neg = check_inputs(args, cfg, world)
-    state = None
-    if args.resume:
-        # Rank 0 may finish a save that was cut (check_resume renames its file): the others read after it.
-        state = check_resume(args, cfg) if master else None
-        if ddp:
-            dist.barrier()
-        state = state or check_resume(args, cfg)
-
-    torch.manual_seed(args.seed)
-    try:
-        models = load_models(args, cfg, device)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise SystemExit(f"error: {err}")
-    faces = models.faces
-    if faces is not None and pool_dim != faces.embedder.dim:
-        raise SystemExit(f"--data {args.data}: face pools of {pool_dim}-d embeddings, the reward's face model "
-                         f"gives {faces.embedder.dim}-d: prepare the data with the same --face-model")
-    policy = models.experts[-1]
-    if ddp and args.lora_rank > 0:
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
-    elif ddp:
-        # FSDP2 shards the frozen DiTs too (A14B's high-noise expert, the KL reference): every rank
-        # runs each of their forwards, so they can be gathered block by block like the trained one.
-        from torch.distributed.fsdp import fully_shard
-        for model in [*models.experts] + ([models.ref] if models.ref is not None else []):
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
-    models.experts = (*models.experts[:-1], policy)
-    opt = make_optimizer(args, trainable_parameters(policy))
-    start, log_pos = 0, 0
-    if state is not None:
-        restore(args, policy, opt, state)
-        start, log_pos = state["step"], state["log_pos"]
-    saved = start
-    log_path = os.path.join(args.out, "train.jsonl")
-    if master and args.overwrite:
-        for path in [os.path.join(args.out, f) for f in RUN_FILES] + temp_files(args.out):
-            if os.path.isfile(path):
-                os.remove(path)
-        shutil.rmtree(os.path.join(args.out, "samples"), ignore_errors=True)
-    if master:
-        with open(log_path, "a+") as fh:       # drop log lines written after the checkpoint we resume
-            fh.truncate(log_pos)
-    trackers = open_trackers(args) if master else []
-
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    per_rank = args.batch // world
-    accum = per_rank // args.micro_batch
-    bad, latents = 0, {}
-    # CFG (--guidance > 1, e.g. a model without a distillation LoRA): one negative prompt, which
-    # wan.velocity broadcasts over the batch.
-    models.context_null = None if neg is None else [neg.to(device)]
-    from tqdm import tqdm
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
-    for step in bar:
-        t0 = time.time()
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        order = global_order(len(dataset), args.seed, step, args.batch)[rank * per_rank:(rank + 1) * per_rank]
-        sums, loss_sum = {}, 0.0
-        for m in range(accum):
-            chunk = order[m * args.micro_batch:(m + 1) * args.micro_batch]
-            batch = data.collate([dataset[i] for _, i in chunk], device)
-            indices = [j for j, _ in chunk]
-            sync = nullcontext() if (not ddp or args.lora_rank == 0 or m == accum - 1) else policy.no_sync()
-            with sync:
-                if args.method == "ipro":
-                    loss, stats = ipro_loss(args, cfg, models, batch, step, indices)
-                else:
-                    loss, stats = sft_loss(args, cfg, models, batch, step, indices, latents)
-                (loss / accum).backward()
-            loss_sum += loss.item() / accum
-            for k, v in stats.items():
-                sums.setdefault(k, []).append(v)
-        stats = {k: (v if k == "kl_steps" else sum(v) / len(v)) for k, v in sums.items()}
-        if "kl_steps" in stats:
-            stats["kl_steps"] = [sum(x) / len(x) for x in zip(*stats["kl_steps"])]
-        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(policy), args.grad_clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        if ddp:
-            # The log shows the global batch, and every rank must agree on skipping and on stopping.
-            loss_sum, stats, stop["flag"] = mean_over_ranks(loss_sum, stats, stop["flag"], device)
-        finite = bool(torch.isfinite(norm)) and math.isfinite(loss_sum)
-        if finite:
-            opt.step()
-            bad = 0
-        else:
-            bad += 1
-        opt.zero_grad(set_to_none=True)
-        record = dict(step=step + 1, loss=loss_sum, grad_norm=norm.item(), lr=lr, skipped=not finite,
-                      step_time=time.time() - t0, peak_mem=peak_memory_gb(device), **stats)
-        if master:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-                log_pos = fh.tell()
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "fm_loss") if k in record})
-            for tr in trackers:
-                tr(record)
-        if bad >= args.max_bad_steps:
-            kept = f"the last checkpoint (step {saved}) is intact" if saved else \
-                "no checkpoint was written (check the starting weights: --init, --weights, --lora)"
-            raise SystemExit(f"stopping: {bad} non-finite steps in a row (last loss {loss_sum}); "
-                             f"the weights were not updated by them and {kept}")
-        last = step + 1 == args.steps
-        if last or stop["flag"] or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(args, cfg, policy, opt, step + 1, rank, log_pos)
-            saved = step + 1
-        if args.sample_every and (step + 1) % args.sample_every == 0:
-            write_sample(args, cfg, models, dataset, step + 1, device, master)
-        if stop["flag"]:
-            if master:
-                print(f"SIGTERM: saved step {step + 1} to {args.out}; exiting (continue with --resume)")
-            break
-    if ddp:
-        dist.destroy_process_group()
-    if stop["flag"]:
-        # Not 0: a chained command (demo.sh, `train && eval`) must not go on from an unfinished run.
-        raise SystemExit(128 + signal.SIGTERM)
-
-
-def open_trackers(args):
-    """Optional loggers, used only if installed and asked for."""
-    out = []
-    if args.wandb:
-        import wandb
-        wandb.init(project="ipro", config=vars(args))
-        out.append(lambda r: wandb.log({k: v for k, v in r.items() if not isinstance(v, list)}, step=r["step"]))
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.out, "tb"))
-        out.append(lambda r: [writer.add_scalar(k, v, r["step"]) for k, v in r.items()
-                              if isinstance(v, (int, float)) and k != "step"])
-    return out
-
-
-@torch.no_grad()
-def write_sample(args, cfg, models, dataset, step, device, master):
-    """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
-    Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
-    vae = models.vae
-    batch = data.collate([dataset[0]], device)
-    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
-    with autocast(args, device):
-        z = wan.generate(models.experts, cfg, noise, batch["context"], models.context_null, steps=args.sample_steps, shift=args.shift,
-                         guidance=args.guidance, solver=args.solver,
-                         **wan.condition(cfg, vae, batch["image"], frames))
-    video = vae.decode(z)[0]
-    if not master:
-        return
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    wan.save_video(os.path.join(args.out, "samples", f"step_{step:06d}.mp4"), video, cfg.sample_fps)
 
 
 if __name__ == "__main__":

@@ -1599,6 +1599,16 @@ def a14b_condition(z, known_frames=(0,)):
     return torch.cat([mask, z], dim=1)
 
 
+def ti2v_t_mask(cfg, x):
+    """TI2V's per-token timestep mask for a latent x (B, C, f, h, w): 0 on the first frame's tokens
+    (the image, clean: t = 0), 1 elsewhere; the DiT's t is mask * t, shape (B, L)."""
+    B, _, f, h, w = x.shape
+    pt, ph, pw = cfg.patch_size
+    mask = torch.ones(B, f // pt, h // ph, w // pw, device=x.device)
+    mask[:, 0] = 0
+    return mask.flatten(1)
+
+
 def latent_shape(vae, batch, frames, height, width):
     st, sh, sw = vae.stride
     return (batch, vae.z_dim, (frames - 1) // st + 1, height // sh, width // sw)
@@ -1738,14 +1748,11 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     K, grad = grad_last_k, torch.is_grad_enabled()
     window = range(steps - K, steps) if grad_window == "last" else range(K)
 
-    B, _, f, h, w = noise.shape
+    B = noise.shape[0]
     x = noise.float()
     t_mask = None
     if z_img is not None:
-        pt, ph, pw = cfg.patch_size
-        t_mask = torch.ones(B, f // pt, h // ph, w // pw, device=x.device)
-        t_mask[:, 0] = 0                                                   # first-frame tokens: t = 0
-        t_mask = t_mask.flatten(1)                                         # (B, L)
+        t_mask = ti2v_t_mask(cfg, x)                                       # (B, L)
         # = (1 - mask) * z_img + mask * x of the official code, mask 0 on the first frame only.
         x = torch.cat([z_img.to(x), x[:, :, 1:]], dim=2)
 
