@@ -675,16 +675,12 @@ def generate_one(cfg, experts, vae, clip, seed, args, device, neg=None):
     """One clip's video (3, F, H, W) in [-1, 1] from its image and cached text, at the resolved
     sampler settings (resolve_sampler); neg (L, text_dim) is CFG's unconditional context."""
     image = clip["image_t"].float().to(device)[None]                         # (1, 3, H, W)
-    frames, (H, W) = len(clip["gt"]), image.shape[-2:]
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), generator=g, device=device)
-    cond = wan.condition(cfg, vae, image, frames)
     context = clip["context"].float().to(device)
     context = context[None] if context.ndim == 2 else context                # (1, L, text_dim)
     null = None if neg is None else [neg.float().to(device)]
-    z = wan.generate(experts if len(experts) > 1 else experts[0], cfg, noise, context, null, steps=args.steps,
-                     shift=args.shift, guidance=args.guidance, solver=args.solver, **cond)
-    return vae.decode(z, checkpoint=False)[0]
+    return wan.sample_video(experts, cfg, vae, image, len(clip["gt"]), context, null, seed=seed, steps=args.steps,
+                            shift=args.shift, guidance=args.guidance, solver=args.solver)
+
 
 # -----------------------------------------------------------------------------
 # Reports: JSON, Markdown table, plots, HTML

@@ -180,16 +180,12 @@ def main(argv=None):
 
     image = image.to(device)
     H, W = image.shape[1:]
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(wan.latent_shape(vae, 1, args.frames, H, W), generator=g, device=device)
-    cond = wan.condition(cfg, vae, image[None], args.frames)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" and device.type == "cuda" \
         else torch.autocast(device.type, enabled=False)
     t0 = time.time()
-    with amp:
-        z = wan.generate(experts, cfg, noise, contexts[:1], context_null=contexts[1:] or None, steps=args.steps,
-                         shift=args.shift, guidance=args.guidance, solver=args.solver, progress=True, **cond)
-    video = vae.decode(z, checkpoint=False)[0]                             # (3, F, H, W)
+    video = wan.sample_video(experts, cfg, vae, image[None], args.frames, contexts[:1], contexts[1:] or None,
+                             seed=args.seed, amp=amp, steps=args.steps, shift=args.shift, guidance=args.guidance,
+                             solver=args.solver, progress=True)                # (3, F, H, W)
     meta = dict(vars(args), image=os.path.abspath(args.image), height=H, width=W, fps=cfg.sample_fps,
                 seconds=round(time.time() - t0, 2), written_by="sample.py")
     try:

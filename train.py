@@ -425,20 +425,13 @@ def open_trackers(args):
     return out
 
 
-@torch.no_grad()
 def write_sample(args, cfg, models, dataset, step, device, master):
     """One generation on the first training clip with a fixed seed, saved as OUT/samples/step_N.mp4.
     Every rank generates (an FSDP-sharded DiT needs them all in each forward); rank 0 writes."""
-    vae = models.vae
     batch = data.collate([dataset[0]], device)
-    frames, (H, W) = batch["video"].shape[2], batch["video"].shape[-2:]
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    noise = torch.randn(wan.latent_shape(vae, 1, frames, H, W), device=device, generator=g)
-    with autocast(args, device):
-        z = wan.generate(models.experts, cfg, noise, batch["context"], models.context_null, steps=args.sample_steps, shift=args.shift,
-                         guidance=args.guidance, solver=args.solver,
-                         **wan.condition(cfg, vae, batch["image"], frames))
-    video = vae.decode(z)[0]
+    video = wan.sample_video(models.experts, cfg, models.vae, batch["image"], batch["video"].shape[2],
+                             batch["context"], models.context_null, seed=args.seed, amp=autocast(args, device),
+                             steps=args.sample_steps, shift=args.shift, guidance=args.guidance, solver=args.solver)
     if not master:
         return
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)

@@ -1787,6 +1787,20 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     return x, Trace(trace, x0_hat, graph_calls, sigmas, timesteps)
 
 
+@torch.no_grad()
+def sample_video(experts, cfg, vae, image, frames, context, context_null=None, seed=0, amp=None, **sampler):
+    """The sampling recipe of sample.py, eval.py and train.py's samples: seed -> noise -> I2V condition
+    -> generate (under `amp`, an autocast context, if given) -> decode. image (1, 3, H, W) in [-1, 1];
+    sampler: generate's keywords (steps, shift, guidance, solver, progress). Returns (3, F, H, W) in [-1, 1]."""
+    H, W = image.shape[-2:]
+    g = torch.Generator(device=image.device).manual_seed(seed)
+    noise = torch.randn(latent_shape(vae, 1, frames, H, W), generator=g, device=image.device)
+    cond = condition(cfg, vae, image, frames)
+    with amp or contextlib.nullcontext():
+        z = generate(experts, cfg, noise, context, context_null, **sampler, **cond)
+    return vae.decode(z, checkpoint=False)[0]
+
+
 # -----------------------------------------------------------------------------
 # Images and videos in and out (sample.py, train.py and eval.py share these)
 

@@ -507,7 +507,7 @@ def test_saved_lora_loads_back(ipro_runs, base, judge):
     assert all(k.startswith("diffusion_model.blocks.") for k in lora)
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k), "the LoRA never trained"
     trained = ipro_runs["1"]["policy"]
-    _, (adapted, *_) = models(base, "--lora-rank", "8")
+    adapted = models(base, "--lora-rank", "8")[1].experts
     wan.load_lora_into(adapted[-1], lora)
     merged = wan.load_experts(CFG, None, base, [str(path)])      # sample.py --ckpt BASE --lora LORA
     as_ckpt = wan.load_experts(CFG, base, str(path))              # eval.py --weights BASE --ckpt LORA
