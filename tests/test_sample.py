@@ -20,7 +20,7 @@ import sample
 import wan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FACE = os.path.join(REPO, "tests", "assets", "person_a_1.jpg")   # 204 x 244 (w x h)
+FACE = os.path.join(REPO, "assets", "faces", "person_a_1.jpg")   # 204 x 244 (w x h)
 PROMPT = "a person smiles at the camera"
 
 

@@ -727,7 +727,7 @@ def test_score_first_counts_inputs_without_a_face():
     """--score first: a sample whose input image shows no face is counted and left out of R_face, not
     scored against the pool; the other sample of the batch is scored as usual."""
     faces = reward.load_face_models()
-    face = torch.from_numpy(reward.read_image(os.path.join(ROOT, "tests", "assets", "person_a_2.jpg"))).float()
+    face = torch.from_numpy(reward.read_image(os.path.join(ROOT, "assets", "faces", "person_a_2.jpg"))).float()
     face = torch.nn.functional.interpolate(face.permute(2, 0, 1)[None], size=(176, 144), mode="area")[0] / 127.5 - 1
     video = face[None, :, None].repeat(2, 1, 3, 1, 1)                        # (2, 3, 3, H, W): both show the face
     pool, _ = faces.embed_images(video[0].transpose(0, 1))

@@ -1,50 +1,16 @@
 """The Wan2.2 / Wan2.1 VAEs against diffusers' AutoencoderKLWan, the released layouts, and bad input."""
-import re
-
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 import wan
+from bench import wan22_to_diffusers
 
 TOL = 1e-4
 # Small but complete layouts: four levels, two res blocks (diffusers' 2.1 converter assumes both).
 TINY21 = dict(dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
 TINY22 = dict(dim=8, dec_dim=12, z_dim=6, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
-
-# Official Wan2.2 VAE keys -> diffusers AutoencoderKLWan(is_residual=True) keys, applied in order.
-# Our own table, derived from diffusers' scripts/convert_wan_to_diffusers.py (convert_vae_22),
-# which the pip package does not ship.
-WAN22_TO_DIFFUSERS = [
-    (r"^conv1\.", "quant_conv."),
-    (r"^conv2\.", "post_quant_conv."),
-    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-    (r"\.middle\.0\.", ".mid_block.resnets.0."),
-    (r"\.middle\.1\.", ".mid_block.attentions.0."),
-    (r"\.middle\.2\.", ".mid_block.resnets.1."),
-    (r"\.head\.0\.", ".norm_out."),
-    (r"\.head\.2\.", ".conv_out."),
-    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)", r"encoder.down_blocks.\1.downsampler.\2"),
-    (r"^encoder\.downsamples\.(\d+)\.downsamples\.", r"encoder.down_blocks.\1.resnets."),
-    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)", r"decoder.up_blocks.\1.upsampler.\2"),
-    (r"^decoder\.upsamples\.(\d+)\.upsamples\.", r"decoder.up_blocks.\1.resnets."),
-    (r"\.residual\.0\.", ".norm1."),
-    (r"\.residual\.2\.", ".conv1."),
-    (r"\.residual\.3\.", ".norm2."),
-    (r"\.residual\.6\.", ".conv2."),
-    (r"\.shortcut\.", ".conv_shortcut."),
-]
-
-
-def wan22_to_diffusers(sd):
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in WAN22_TO_DIFFUSERS:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
-
 
 def randomized(vae, seed=0):
     """Perturb the init so every parameter matters (attention proj starts at zero, norms at one)."""
