@@ -594,7 +594,6 @@ def check_same_filters(args, rank):
 def prepare(args, faces=None, face_names=None, encode=None):
     """Run `prepare` for this rank; returns a summary dict. faces / encode can be passed in
     preloaded (tests, demo); otherwise they are loaded here."""
-    from tqdm import tqdm
     rank, world = rank_and_world()
     if args.device == "cuda":
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"   # one GPU per torchrun rank
@@ -631,7 +630,7 @@ def prepare(args, faces=None, face_names=None, encode=None):
     counts = dict(kept=0, rejected=0, skipped=0, recovered=0)
     reasons = {}
     t0 = time.time()
-    bar = tqdm(mine, desc=f"prepare rank {rank}/{world}", disable=rank != 0, unit="video")
+    bar = wan.progress_bar(mine, desc=f"prepare rank {rank}/{world}", disable=rank != 0, unit="video")
     for rel in bar:
         record = os.path.join(clips, f"{ids[rel]}.safetensors")
         if rel in done and (done[rel].get("status") != "kept" or os.path.isfile(record)):

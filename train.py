@@ -315,8 +315,8 @@ def main(argv=None):
     # CFG (--guidance > 1, e.g. a model without a distillation LoRA): one negative prompt, which
     # wan.velocity broadcasts over the batch.
     models.context_null = None if neg is None else [neg.to(device)]
-    from tqdm import tqdm
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc=args.method)
+    bar = wan.progress_bar(range(start, args.steps), initial=start, total=args.steps, disable=not master,
+                           desc=args.method)
     for step in bar:
         t0 = time.time()
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr

@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import sys
 import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -1680,6 +1681,11 @@ def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
     return v_uncond + guidance * (v - v_uncond)
 
 
+def progress_bar(iterable, disable=False, **kwargs):
+    """tqdm, drawn only on a terminal: a log file (demo.sh's stderr) gets no carriage-return frames."""
+    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **kwargs)
+
+
 @dataclass
 class Trace:
     """What the training loop needs from one rollout (paper Eq. 4 and the multi-step KL, Eq. 7).
@@ -1751,7 +1757,7 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     # waits for the device.
     ts = timesteps.float().tolist()
     trace, graph_calls, v = [], 0, None
-    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+    for i in progress_bar(range(steps), disable=not progress, desc="sampling"):
         e = 0 if len(experts) == 1 or ts[i] >= cfg.boundary * 1000 else 1
         t_in = t_mask * ts[i] if t_mask is not None else x.new_full((B,), ts[i])   # (B, L) or (B,)
         windowed = grad and i in window
