@@ -293,14 +293,7 @@ def check_inputs(args):
             raise FileNotFoundError(f"--train-log {log}: no such file")
     if args.eval_frames < 0:
         raise ValueError("--eval-frames must be >= 0")
-    # A real file, not os.access (root passes it on read-only mounts): fail before hours of scoring.
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"--out {args.out} is not a writable folder: {err}") from None
+    wan.check_writable(args.out)                      # fail before hours of scoring
     if gen:
         wan.check_device(args.device)
     return rows, gen

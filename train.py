@@ -604,14 +604,10 @@ def check_inputs(args, cfg, world):
             neg = data.read_negative_context(args.data)
         except FileNotFoundError as err:
             raise SystemExit(f"--guidance {args.guidance}: {err}")
-    # A real file, not os.access: root passes os.access on any folder, read-only mounts included.
     try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise SystemExit(f"--out {args.out} is not a writable folder: {err}")
+        wan.check_writable(args.out)
+    except ValueError as err:
+        raise SystemExit(str(err))
     return dataset, dims.pop(), neg
 
 

@@ -1870,6 +1870,18 @@ def prepare_image(img, cfg, size):
     return F.interpolate(x[None], size=(oh, ow), mode="bicubic")[0]
 
 
+def check_writable(folder):
+    """Makes --out `folder` and writes a file in it, or ValueError. A real file, not os.access: root
+    passes os.access on any folder, read-only mounts included."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--out {folder} is not a writable folder: {err}") from None
+
+
 def save_video(path, video, fps, metadata=None):
     """(3, F, H, W) in [-1, 1] -> H.264 mp4, written to a temporary file then renamed, so a crash
     never leaves a partial mp4; the temporary name ends in .partial, so that a folder scan never takes
