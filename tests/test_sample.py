@@ -221,11 +221,12 @@ def test_a14b_two_experts_y_condition_lora_and_ckpt(tmp_path, register, monkeypa
     h, w = meta["height"] // 8, meta["width"] // 8
     assert (meta["height"], meta["width"]) == (64, 48) and base.shape == (3, 5, 64, 48)
     # UniPC 2 steps at shift 5: t = 999 on the high-noise expert, then 833 (< 900) on the low-noise
-    # one; CFG calls each twice. y = [4 mask channels, 16 latent channels] over the 2 latent frames.
-    assert [name for name, _, _ in calls] == ["high_noise_model"] * 2 + ["low_noise_model"] * 2
-    assert calls[0][1] == 999 and calls[2][1] < 900
+    # one; CFG runs each as one call on a doubled batch (conditional and unconditional halves).
+    # y = [4 mask channels, 16 latent channels] over the 2 latent frames.
+    assert [name for name, _, _ in calls] == ["high_noise_model", "low_noise_model"]
+    assert calls[0][1] == 999 and calls[1][1] < 900
     for _, _, y in calls:
-        assert y.shape == (1, 20, 2, h, w)
+        assert y.shape == (2, 20, 2, h, w)
         assert (y[:, :4, 0] == 1).all() and (y[:, :4, 1] == 0).all()
     assert torch.equal(calls[0][2], calls[-1][2])  # one condition for both experts
 
