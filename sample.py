@@ -57,7 +57,7 @@ def get_args(argv=None):
                    help="unipc (official) or euler (Lightning's, with its 4-8 steps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when there is one)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="DiT autocast dtype on GPU; "
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="DiT autocast and weight dtype on GPU; "
                    "the CPU always runs fp32")
     return p.parse_args(argv)
 
@@ -174,7 +174,11 @@ def main(argv=None):
         if not src:
             print(f"note: the {cfg.name} preset has no official weights; the DiT starts from random ones "
                   f"unless --ckpt holds full weights", file=sys.stderr)
-        experts = wan.load_experts(cfg, src, args.ckpt, args.lora, device)
+        # bf16 storage under bf16 autocast: the same matmuls (autocast casts fp32 weights to bf16 for
+        # each call), half the memory; the time embedding, modulation and head stay fp32 (cast_dit).
+        bf16 = args.dtype == "bf16" and device.type == "cuda"
+        experts = wan.load_experts(cfg, src, args.ckpt, args.lora, device,
+                                   dtype=torch.bfloat16 if bf16 else torch.float32)
     except (ValueError, FileNotFoundError, KeyError) as err:
         fail(err)
 

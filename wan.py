@@ -1682,8 +1682,11 @@ def velocity(model, x_t, t, context, context_null=None, y=None, guidance=1.0):
 
 
 def progress_bar(iterable, disable=False, **kwargs):
-    """tqdm, drawn only on a terminal: a log file (demo.sh's stderr) gets no carriage-return frames."""
-    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **kwargs)
+    """tqdm; into a log (stderr not a terminal, e.g. demo.sh's) at most one frame every 30 s and the
+    final one, instead of a carriage-return frame per step."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, disable=disable, **kwargs)
 
 
 @dataclass
