@@ -646,7 +646,7 @@ def prepare(args, faces=None, face_names=None, encode=None):
         append_line(part, line)
         counts[line["status"]] += 1
         reasons[line["reason"]] = reasons.get(line["reason"], 0) + 1
-        bar.set_postfix(kept=counts["kept"], rejected=counts["rejected"])
+        bar.set_postfix(kept=counts["kept"], rejected=counts["rejected"], refresh=False)
     # The negative prompt's embedding, for training and evaluating with CFG (train.py --guidance > 1).
     neg = os.path.join(args.out, NEGATIVE_CONTEXT)
     if rank == 0 and not os.path.isfile(neg) and any(n.endswith(".safetensors") for n in os.listdir(clips)):

@@ -359,7 +359,8 @@ def main(argv=None):
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
                 log_pos = fh.tell()
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "fm_loss") if k in record})
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "fm_loss") if k in record},
+                            refresh=False)     # drawn by the bar's own clock, not once per step
             for tr in trackers:
                 tr(record)
         if bad >= args.max_bad_steps:
