@@ -404,9 +404,15 @@ def planner_small():
 
 @row
 def planner_large():
-    """The same at 4x the pixels: the planner's terms must scale as the real ones do."""
+    """The same at 4x and 9x the pixels: the planner's terms must scale as the real ones do."""
     planned, measured = in_child(_planned_vs_measured_mb, demo_data(), 256, 9)
     return "train.py step peak MB, planned vs measured (tiny, 9 x 256 x 256)", planned, measured, None
+
+
+@row
+def planner_larger():
+    planned, measured = in_child(_planned_vs_measured_mb, demo_data(), 384, 9)
+    return "train.py step peak MB, planned vs measured (tiny, 9 x 384 x 384)", planned, measured, None
 
 
 @row
