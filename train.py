@@ -17,11 +17,13 @@ paper's SFT baseline (flow matching on the clips, optional face loss); the demo 
 make the tiny preset's base model (full weights), which IPRO then starts from with `--init`.
 
 Dtype policy: trainable weights and optimizer state in float32; frozen weights (the LoRA base,
-A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype; on GPU the DiT
-runs under bf16 autocast, with the time embedding, modulation and head in float32 as the
-official code keeps them (wan.py); no GradScaler (bf16 needs none).
-The VAE decode and the face model run in float32. CPU runs (tests, the demo) use float32
-throughout: `--dtype fp32`.
+A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype, except the time
+embedding, modulation and head, which stay float32 as the official code runs them (wan.cast_dit);
+the DiT under bf16 autocast (--dtype bf16, the default; on the CPU too, slowly); the VAE in
+--vae-dtype (default: --dtype); the face model in float32; no GradScaler (bf16 needs none). CPU
+runs (the demo, most tests) use float32 throughout: `--dtype fp32`.
+Memory: `--dry-run [--gpu-mem GB]` plans it by phase; `--checkpointing call` and
+`--offload-high-noise` are the levers for 720p and A14B (README, Scaling up).
 
 Runs as `python train.py ...` (one device, CPU included) or `torchrun --nproc_per_node G train.py`:
 LoRA -> DDP, full fine-tuning -> FSDP2 (fully_shard per DiT block). Samples of a global batch
