@@ -336,7 +336,8 @@ def demo_data():
     import data
     folder = os.path.join(tempfile.gettempdir(), "ipro_bench_demo")
     if not os.path.isfile(os.path.join(folder, "manifest.jsonl")):
-        data.build_demo(data.get_args(["demo", "--out", folder, "--clips", "1"]))
+        with contextlib.redirect_stdout(sys.stderr):       # its settings dump stays out of the table
+            data.build_demo(data.get_args(["demo", "--out", folder, "--clips", "1"]))
     return folder
 
 
