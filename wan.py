@@ -729,8 +729,7 @@ def load_experts(cfg, src, ckpt=None, loras=(), device="cpu", dtype=torch.float3
         if which == "high" and len(experts) < 2:
             raise ValueError(f"LoRA {lora}: {cfg.name} has one model, no high-noise expert")
         merge_lora(experts[0 if which == "high" else -1], read_state_dict(path), what=f"LoRA {path}")
-    # cast again: a fine-tuned checkpoint may hold another dtype than the one asked for
-    return [cast_dit(m, d).to(device).eval().requires_grad_(False) for m, d in zip(experts, dtypes)]
+    return [m.to(device).eval().requires_grad_(False) for m in experts]   # load_strict kept each dtype
 
 # -----------------------------------------------------------------------------
 # VAEs (Wan2.2 and Wan2.1): causal 3-D conv autoencoders, run chunk by chunk
