@@ -2,6 +2,8 @@
 
     python bench.py              # all rows
     python bench.py dit vae      # rows whose function name contains one of the words
+    python bench.py gpu          # the GPU speed rows (5B at 81 x 480 x 832, random weights)
+    python bench.py gpu_memory   # the GPU memory rows: an IPRO sample's peak vs --dry-run's plan
 
 Ratios, not seconds, are the targets: seconds change with the machine, a ratio measured side by
 side much less. ratio = ours / reference, so <= 1.0 means ours is no slower (no larger). Timings
@@ -645,8 +647,9 @@ def replaced(obj, name, value):
 def random_weights(device):
     """train.load_models as train.py runs it, with random weights built on the device in place of
     the hub's (the loaders are swapped for the call; everything load_models does after them runs)."""
-    def experts(cfg, *args, **kwargs):
-        return [random_dit(cfg, device).eval().requires_grad_(False) for _ in cfg.experts or (None,)]
+    def experts(cfg, src, ckpt=None, loras=(), where=device, dtype=torch.float32, last_dtype=None):
+        dtypes = [dtype] * (len(cfg.experts or (None,)) - 1) + [last_dtype or dtype]
+        return [wan.cast_dit(random_dit(cfg, where), d).eval().requires_grad_(False) for d in dtypes]
 
     def vae(cfg, *args, dtype=torch.float32, **kwargs):
         torch.manual_seed(0)
@@ -696,15 +699,12 @@ class Stages:
         return stack
 
 
-def ipro_sample_stages(preset, frames, size, device):
-    """One IPRO sample (train.ipro_loss + backward) as train.py runs it by default (LoRA r32,
-    K=4 of 8 Euler steps, activation checkpointing, bf16 autocast on GPU, SFace/YuNet reward),
-    after one warm-up sample. Returns (Stages, total seconds, the args train.py would have)."""
+def ipro_setup(preset, frames, size, device, flags=()):
+    """train.py's args, models (random weights) and one micro-batch for an IPRO sample."""
     import train
     cfg = wan.get_config(preset)
     args = train.get_args(["--model", preset, "--vae", "random", "--frames", str(frames),
-                           "--size", str(size[0]), str(size[1])])
-    device = torch.device(device)
+                           "--size", str(size[0]), str(size[1]), *flags])
     with random_weights(device):
         models = train.load_models(args, cfg, device)
     models.faces.detector = CentredFace()
@@ -714,6 +714,15 @@ def ipro_sample_stages(preset, frames, size, device):
                  context=[torch.randn(20, cfg.text_dim, generator=g).to(device)],
                  pool_emb=[F.normalize(torch.randn(4, models.faces.embedder.dim, generator=g), dim=-1).to(device)],
                  pool_frames=[torch.arange(1, 5).to(device)])
+    return train, args, cfg, models, batch
+
+
+def ipro_sample_stages(preset, frames, size, device):
+    """One IPRO sample (train.ipro_loss + backward) as train.py runs it by default (LoRA r32,
+    K=4 of 8 Euler steps, activation checkpointing, bf16 autocast on GPU, SFace/YuNet reward),
+    after one warm-up sample. Returns (Stages, total seconds, the args train.py would have)."""
+    device = torch.device(device)
+    train, args, cfg, models, batch = ipro_setup(preset, frames, size, device)
     policy = models.experts[-1]
 
     def sample(backward=lambda loss: loss.backward()):
@@ -763,6 +772,49 @@ def gpu_ipro_sample(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"]
     return rows
 
 
+# The settings the README plans for an 80 GB GPU (train.py --dry-run --gpu-mem 80), measured.
+GPU_MEMORY = (("5b", 81, (480, 832), ()),
+              ("5b", 81, (480, 832), ("--base-dtype", "bf16")),
+              ("5b", 81, (704, 1280), ("--base-dtype", "bf16", "--checkpointing", "call")))
+
+
+def ipro_step_memory(preset, frames, size, flags=(), device="cuda"):
+    """One IPRO sample (ipro_loss + backward, train.py's code and flags, random weights, no compile:
+    compilation moves the peak by well under 1%), its peak memory from after loading to the end of
+    the backward vs train.plan's peak for the same args.
+    Returns (planned GiB, measured GiB, seconds, GiB the CUDA allocator reserved at its peak)."""
+    device = torch.device(device)
+    train, args, cfg, models, batch = ipro_setup(preset, frames, size, device, ("--no-compile", *flags))
+    _, phases = train.plan(args, cfg, world=1)
+    free_memory(device)
+    sync(device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    loss, _ = train.ipro_loss(args, cfg, models, batch, 0, [0])
+    loss.backward()
+    sync(device)
+    seconds, measured = time.perf_counter() - t0, peak_gb(device)
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+    del models, loss
+    free_memory(device)
+    return max(phases.values()) / 2**30, measured, seconds, reserved
+
+
+def gpu_memory(device="cuda", settings=GPU_MEMORY):
+    rows = []
+    for preset, frames, size, flags in settings:
+        what = f"IPRO sample {preset} {frames} x {size[0]} x {size[1]} {' '.join(flags) or 'defaults'}"
+        try:
+            planned, measured, seconds, reserved = ipro_step_memory(preset, frames, size, flags, device)
+            said = f"; {seconds:.1f} s" + (f", allocator reserved {reserved:.1f} GiB" if reserved else "")
+        except torch.cuda.OutOfMemoryError:
+            planned = measured = None
+            said = ", out of memory"
+        free_memory(device)
+        rows.append((f"{what}: peak GiB measured vs planned (--dry-run){said}", measured, planned, None))
+    return rows
+
+
 def gpu_sampling(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"], device="cuda", steps=4,
                  reference=True):
     """sample.py's loop at the preset's official setting (UniPC, CFG 5 for 5B), seconds per step:
@@ -805,10 +857,14 @@ def gpu_sampling(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"], d
     return rows
 
 
-def gpu_table(device="cuda"):
-    """Every GPU row in one run, row by row; the matmul rate first (the reference of the others)."""
+def gpu_table(device="cuda", memory=True, speed=True):
+    """The GPU rows in one run, row by row; the matmul rate first (the reference of the others)."""
     rows, rate = gpu_matmul(device)
     yield from rows
+    if memory:
+        yield from gpu_memory(device)
+    if not speed:
+        return
     yield from gpu_dit(device=device, rate=rate)
     yield from gpu_vae_decode(device)
     yield from gpu_ipro_sample(device=device, rate=rate)
@@ -832,7 +888,7 @@ def main(words):
         print("|---|---|---|---|")
         for fn in cpu:
             print_row(*fn())
-    if words and "gpu" not in words:
+    if words and not {"gpu", "gpu_memory"} & set(words):
         return
     if not torch.cuda.is_available():
         print("\nGPU rows skipped: no CUDA device (torch.cuda.is_available() is False)")
@@ -841,7 +897,7 @@ def main(words):
           f"{time.strftime('%Y-%m-%d')}\n")
     print("| what | ours | reference | ratio |")
     print("|---|---|---|---|")
-    for r in gpu_table():
+    for r in gpu_table(memory=not words or "gpu_memory" in words, speed=not words or "gpu" in words):
         print_row(*r)
 
 

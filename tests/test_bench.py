@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 import train
@@ -73,3 +74,17 @@ def test_ipro_stages_time_train_py_own_step():
     total, stage_sum = rows[6][1:3]
     assert stage_sum <= total and "total s vs stages' sum" in rows[6][0]
     assert rows[7][2] > 0                               # the ideal time of the DiT's FLOPs
+
+
+def test_memory_rows_run_train_py_with_the_flags_they_name():
+    """The GPU memory rows: train.py's args and models with the row's flags (the random weights in
+    --base-dtype, kept-fp32 parts in fp32, as load_experts casts), one sample, and the plan's peak."""
+    rows = bench.gpu_memory("cpu", settings=[("tiny", 5, (32, 32), ("--base-dtype", "bf16"))])
+    what, measured, planned, _ = rows[0]
+    assert "--base-dtype bf16" in what and "out of memory" not in what and measured > 0 and planned > 0
+    _, args, _, models, _ = bench.ipro_setup("tiny", 5, (32, 32), "cpu", ("--base-dtype", "bf16"))
+    dtypes = {n: p.dtype for n, p in models.experts[-1].named_parameters()}
+    assert args.base_dtype == "bf16" and any(wan.keeps_fp32(n) for n in dtypes)
+    for name, dtype in dtypes.items():
+        want = torch.float32 if wan.keeps_fp32(name) or "lora_" in name else torch.bfloat16
+        assert dtype == want, name
