@@ -169,7 +169,10 @@ def get_args(argv=None):
     demo.add_argument("--out", required=True)
     demo.add_argument("--frames", type=int, default=9)
     demo.add_argument("--size", type=int, default=64, help="frame side in px")
-    demo.add_argument("--clips", type=int, default=2, help="clips per photo")
+    demo.add_argument("--clips", type=int, default=2, help="clips per training photo")
+    demo.add_argument("--eval-clips", type=int, default=None, help="clips per held-out photo (default: --clips)")
+    demo.add_argument("--pseudo", type=int, default=0,
+                      help="pseudo-identities made from the training photos (pseudo_identity), --clips each")
     demo.add_argument("--fps", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-face-px", type=float, default=720.0,
@@ -809,6 +812,56 @@ def render_clip(img, face, size, frames, start, end, supersample=4):
     return np.stack(out)
 
 
+def pseudo_identity(host, donor, rng):
+    """A new person for the demo: the donor's inner face (eyes, nose, mouth), stretched by a random
+    factor in each direction, recoloured to the host's skin with a random tone shift, and blended
+    into the host's photo through a soft oval. host, donor: (name, identity, image, Face).
+    Returns (image uint8, Face at the new landmarks) and the recipe (for the record)."""
+    import cv2
+    (_, _, himg, hface), (_, _, dimg, dface) = host, donor
+    centre = hface.landmarks.mean(0)
+    sx, sy = rng.uniform(0.86, 1.14, size=2)
+    target = centre + (hface.landmarks - centre) * [sx, sy]              # the new face's geometry
+    M, _ = cv2.estimateAffinePartial2D(dface.landmarks.astype(np.float32), target.astype(np.float32))
+    H, W = himg.shape[:2]
+    warped = cv2.warpAffine(dimg, M, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    eyes, mouth = target[:2].mean(0), target[3:].mean(0)
+    a = 1.05 * np.linalg.norm(target[1] - target[0])                    # half-width: past the outer eye corners
+    b = 1.15 * np.linalg.norm(mouth - eyes)                              # half-height: brows to below the lips
+    oval = np.zeros((H, W), np.float32)
+    cv2.ellipse(oval, tuple(int(round(v)) for v in (eyes + mouth) / 2), (int(a), int(b)), 0, 0, 360, 1.0, -1)
+    oval = cv2.GaussianBlur(oval, (0, 0), sigmaX=max(1.0, 0.2 * a))[..., None]
+    inside = oval[..., 0] > 0.5
+    lab_h = cv2.cvtColor(himg, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab_d = cv2.cvtColor(warped, cv2.COLOR_RGB2LAB).astype(np.float32)
+    tone = rng.uniform([-12, -4, -4], [12, 4, 4])                      # a lighter/darker, warmer/cooler skin
+    lab_d = (lab_d - lab_d[inside].mean(0)) / (lab_d[inside].std(0) + 1e-3) * lab_h[inside].std(0) \
+        + lab_h[inside].mean(0) + tone
+    recoloured = cv2.cvtColor(np.clip(lab_d, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB).astype(np.float32)
+    alpha = rng.uniform(0.75, 1.0)
+    out = himg.astype(np.float32) * (1 - alpha * oval) + recoloured * alpha * oval
+    width = (hface.box[2] - hface.box[0]) * sx
+    box = np.array([centre[0] - width / 2, hface.box[1], centre[0] + width / 2, hface.box[3]])
+    recipe = dict(host=host[0], donor=donor[0], stretch=[round(float(sx), 3), round(float(sy), 3)],
+                  tone=[round(float(t), 1) for t in tone], alpha=round(float(alpha), 3))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), reward.Face(box=box, landmarks=target, score=1.0), recipe
+
+
+def pseudo_identities(photos, n, seed):
+    """n pseudo-identities from the training photos only (never a held-out person, in any part):
+    host and donor of different people. Returns [(name, identity, image, Face, recipe)]."""
+    train = [p for p in photos if p[1] not in DEMO_EVAL_IDENTITIES]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 7919, i])
+        h = int(rng.integers(len(train)))
+        donors = [p for p in train if p[1] != train[h][1]]
+        d = donors[int(rng.integers(len(donors)))]
+        img, face, recipe = pseudo_identity(train[h], d, rng)
+        out.append((f"pseudo_{i:03d}", f"pseudo_{i:03d}", img, face, recipe))
+    return out
+
+
 def describe(start, end):
     pan = "left" if end["dx"] > start["dx"] else "right"   # the face moves right when the camera pans left
     zoom = "in" if end["s"] > start["s"] else "out"
@@ -821,8 +874,13 @@ def write_demo_videos(args, faces):
     folder = os.path.join(args.out, "videos")
     os.makedirs(folder, exist_ok=True)
     rows = []
-    for p, (name, identity, img, face) in enumerate(demo_photos(faces)):
-        for k in range(args.clips):
+    photos = demo_photos(faces)
+    pseudo = pseudo_identities(photos, args.pseudo, args.seed)
+    with open(os.path.join(folder, "pseudo_identities.json"), "w", encoding="utf-8") as fh:
+        json.dump({name: recipe for name, _, _, _, recipe in pseudo}, fh, indent=1)
+    for p, (name, identity, img, face) in enumerate([*photos, *(q[:4] for q in pseudo)]):
+        held_out = identity in DEMO_EVAL_IDENTITIES
+        for k in range(args.eval_clips if held_out else args.clips):
             rng = np.random.default_rng([args.seed, p, k])
             start, end = camera_move(rng, rng.uniform(*DEMO_FACE_FRAC), args.size)
             clip = render_clip(img, face, args.size, args.frames, start, end)        # (F, S, S, 3)
@@ -842,7 +900,9 @@ def write_demo_videos(args, faces):
 
 def build_demo(args, faces=None, face_names=None):
     """Write the demo videos, then run prepare on them (tiny preset, fixed eval identities)."""
-    for flag, value, least in (("--clips", args.clips, 1), ("--frames", args.frames, 1), ("--size", args.size, 16),
+    args.eval_clips = args.clips if args.eval_clips is None else args.eval_clips
+    for flag, value, least in (("--clips", args.clips, 1), ("--eval-clips", args.eval_clips, 1),
+                               ("--pseudo", args.pseudo, 0), ("--frames", args.frames, 1), ("--size", args.size, 16),
                                ("--fps", args.fps, 1)):
         if value < least:
             raise SystemExit(f"data.py demo {flag} {value}: must be >= {least}")

@@ -120,6 +120,8 @@ def get_args(argv=None):
     p.add_argument("--eval-frames", type=int, default=16, help="frames scored per video, evenly spaced (0 = all)")
     p.add_argument("--stiff-ratio", type=float, default=0.5, help="stiff: face var below this times the ground truth's")
     p.add_argument("--max-clips", type=int, default=0, help="score at most this many eval clips (0 = all)")
+    p.add_argument("--identity-stats", action="store_true", help="only: how far apart the data's people are, "
+                   "by each evaluator (cosines of frame-0 faces by kind of pair), into --out")
     p.add_argument("--train-log", action="append", default=[], help="train.py's train.jsonl, plotted (repeatable)")
     # generation (--ckpt): the same sampler for every row; default: the preset's official one
     # (wan.CONFIGS: UniPC, sample_steps, sample_shift, sample_guide_scale), with --lora Lightning's
@@ -872,8 +874,59 @@ def write_reports(args, results, metas, evaluators):
 
 
 @torch.no_grad()
+def identity_stats(args):
+    """How far apart the people of a data folder are, by each evaluator: the cosine between the faces
+    of frame 0 of two clips, by kind of pair. For the demo world (data.py demo --pseudo): are the
+    pseudo-identities as far from each other, and from the photos they were made from, as different
+    real people are? Writes OUT/identity_stats.json and prints a table."""
+    from itertools import combinations
+    faces_model, evaluators = load_evaluators(args)
+    folder = os.path.join(args.data, "clips")
+    clips = []
+    for name in sorted(os.listdir(folder)):
+        tensors, meta = data.read_record(os.path.join(folder, name), ["first_frame"])
+        clips.append((meta["identity"], meta["clip_id"].rsplit("_c", 1)[0], tensors["first_frame"].numpy()))
+    recipes_path = os.path.join(args.data, "videos", "pseudo_identities.json")
+    recipes = json.load(open(recipes_path)) if os.path.exists(recipes_path) else {}
+    photo_identity = {photo: ident for ident, photo, _ in clips}
+    frames = np.stack([f for _, _, f in clips])
+    found = faces_model.detect(frames)
+
+    def kind(a, b):
+        (ia, pa, _), (ib, pb, _) = a, b
+        if ia == ib:
+            return "same person, same photo" if pa == pb else "same person, another photo"
+        if ia in recipes or ib in recipes:
+            if ia in recipes and ib in recipes:
+                return "two pseudo-identities"
+            made, other = (ia, pb) if ia in recipes else (ib, pa)
+            parents = {photo_identity.get(recipes[made]["host"]): "its host", photo_identity.get(recipes[made]["donor"]): "its donor"}
+            return f"pseudo-identity and {parents.get(photo_identity.get(other), 'another real person')}"
+        return "two real people"
+    stats = {}
+    for name, (_, embed) in evaluators.items():
+        emb, mask = embed(frames, found)
+        groups = {}
+        for i, j in combinations(np.flatnonzero(mask.numpy()), 2):
+            groups.setdefault(kind(clips[i], clips[j]), []).append(float(emb[i] @ emb[j]))
+        stats[name] = {k: dict(n=len(v), mean=float(np.mean(v)), p5=float(np.percentile(v, 5)),
+                               p95=float(np.percentile(v, 95))) for k, v in sorted(groups.items())}
+        stats[name]["faces found"] = f"{int(mask.sum())} of {len(clips)} clips"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "identity_stats.json"), "w") as fh:
+        json.dump(stats, fh, indent=1)
+    print("| evaluator | pair of frame-0 faces | pairs | mean cosine | 5th pct | 95th pct |\n|---|---|---|---|---|---|")
+    for name, groups in stats.items():
+        for k, v in groups.items():
+            if isinstance(v, dict):
+                print(f"| {name} | {k} | {v['n']} | {v['mean']:.3f} | {v['p5']:.3f} | {v['p95']:.3f} |")
+    return stats
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.identity_stats:
+        return identity_stats(args)
     print(json.dumps(vars(args)))
     try:
         rows, gen = check_inputs(args)

@@ -431,3 +431,40 @@ def test_demo_names_the_flag_that_is_wrong(flag, tmp_path):
         data.build_demo(data.get_args(["demo", "--out", str(tmp_path), flag, "0"]))
     assert str(err.value.code).startswith(f"data.py demo {flag} 0: must be >=")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, faces):
+    """The demo world: pseudo-identities made from the training photos, and held-out people."""
+    out = tmp_path_factory.mktemp("world")
+    data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1", "--eval-clips", "2",
+                                   "--pseudo", "6"]), *faces)
+    return out
+
+
+def test_held_out_people_never_appear_in_the_training_data_in_any_form(world, faces, photos):
+    """No held-out person is a training clip, nor a host or donor of a pseudo-identity; and no
+    training clip's face is as close to a held-out person as another photo of the same person is."""
+    recipes = json.load(open(world / "videos" / "pseudo_identities.json"))
+    assert len(recipes) == 6
+    held_out = set(data.DEMO_EVAL_IDENTITIES)
+    for recipe in recipes.values():
+        for part in ("host", "donor"):
+            identity = photos[recipe[part]][0]
+            assert identity not in held_out, recipe
+        assert photos[recipe["host"]][0] != photos[recipe["donor"]][0]
+    records = [data.read_record(world / l["record"]) for l in manifest_lines(world) if l["status"] == "kept"]
+    split = {m["identity"]: m["split"] for _, m in records}
+    assert {i for i, s in split.items() if s == "eval"} == held_out
+    assert sum(m["split"] == "eval" for _, m in records) == 2 * sum(photos[p][0] in held_out for p in photos)
+    with torch.no_grad():
+        refs = {}
+        for name, (identity, img, face) in photos.items():
+            if identity in held_out:
+                crop = faces[0].align(reward.to_pixels(img[None]), face.landmarks[None])
+                refs.setdefault(identity, []).append(faces[0].embed_crops(crop)[0])
+    worst = max(float((t["pool_emb"] @ torch.stack(refs[i]).T).max()) for t, m in records if m["split"] == "train"
+                for i in refs)
+    own = min(float((t["pool_emb"] @ torch.stack(refs[m["identity"]]).T).max(1).values.mean())
+              for t, m in records if m["split"] == "eval")
+    assert worst < own, (worst, own)    # the closest training face is farther than any held-out clip's own
