@@ -8,7 +8,7 @@ faces are removed (by a VLM there), and every face frame is embedded into the cl
 
     python data.py prepare --videos DIR --out OUT [--every 1] [--min-frames N] [--max-face-px 100]
                            [--min-face-frac 0.4] [--model tiny|5b|a14b] [--text-encoder SRC]
-    python data.py demo --out OUT [--frames 9] [--size 64]
+    python data.py demo --out OUT [--frames 9] [--size 64] [--clips 2] [--eval-clips N] [--pseudo N]
     torchrun --nproc-per-node 8 data.py prepare ...      # each rank takes every 8th video
 
 prepare: one clip per video (its first --max-frames frames, or all). Videos are *.mp4, .mov,
@@ -94,6 +94,12 @@ passed through prepare. Held out as "eval": DEMO_EVAL_IDENTITIES = person_b, t1_
 (with the default --clips 2: 28 clips, 20 train and 8 eval).
 Since a detectable face in a 64 px frame is far above 100 px at 960p, the demo runs prepare
 with --max-face-px 720 (faces up to 75% of the shorter side).
+--pseudo N adds N pseudo-identities (pseudo_identity), --clips clips each, made from the training
+photos only: a host photo whose inner face (eyes, nose, mouth) is replaced by another training
+person's, stretched by 0.86-1.14 in each direction, recoloured to the host's skin with a random
+tone and blended through a soft oval. With twelve real people a small base learns their faces
+instead of learning to carry the input frame's face; these make that impossible. The recipes are
+in OUT/videos/pseudo_identities.json; `eval.py --identity-stats` measures how far apart they are.
 """
 import argparse
 import csv

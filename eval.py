@@ -120,6 +120,8 @@ def get_args(argv=None):
     p.add_argument("--eval-frames", type=int, default=16, help="frames scored per video, evenly spaced (0 = all)")
     p.add_argument("--stiff-ratio", type=float, default=0.5, help="stiff: face var below this times the ground truth's")
     p.add_argument("--max-clips", type=int, default=0, help="score at most this many eval clips (0 = all)")
+    p.add_argument("--reference", default=None, help="a reference run's paired changes (JSON, e.g. "
+                   "assets/demo_reference.json): say whether this run reproduced them")
     p.add_argument("--identity-stats", action="store_true", help="only: how far apart the data's people are, "
                    "by each evaluator (cosines of frame-0 faces by kind of pair), into --out")
     p.add_argument("--train-log", action="append", default=[], help="train.py's train.jsonl, plotted (repeatable)")
@@ -874,6 +876,26 @@ def write_reports(args, results, metas, evaluators):
 
 
 @torch.no_grad()
+def compare_reference(summary, args):
+    """The paired IPRO - base changes of this run against a reference run's (a JSON file:
+    {"tolerance": t, split: {row label: {evaluator: paired change}}}): one line per number,
+    then "reproduced: yes/no". Returns whether every number is within the tolerance."""
+    with open(args.reference) as fh:
+        ref = json.load(fh)
+    lines, ok = [], True
+    for label, per in ref.get(args.split, {}).items():
+        for name, want in per.items():
+            got = summary.get(label, {}).get(name, {}).get("vs_first")
+            close = got is not None and abs(got["diff"] - want["diff"]) <= ref["tolerance"]
+            ok &= close
+            lines.append(f"  {args.split} {label} vs base, {name}: {got['diff']:+.4f} here, {want['diff']:+.4f} "
+                         f"in the reference: {'within' if close else 'OUTSIDE'} {ref['tolerance']}" if got else
+                         f"  {args.split} {label} vs base, {name}: missing here")
+    print(f"reproduced ({args.split} split): {'yes' if ok else 'no'} (tolerance {ref['tolerance']} on each paired "
+          f"FaceSim change; {ref.get('about', '')})\n" + "\n".join(lines))
+    return ok
+
+
 def identity_stats(args):
     """How far apart the people of a data folder are, by each evaluator: the cosine between the faces
     of frame 0 of two clips, by kind of pair. For the demo world (data.py demo --pseudo): are the
@@ -950,6 +972,8 @@ def main(argv=None):
     summary = write_reports(args, results, metas, evaluators)
     with open(os.path.join(args.out, "table.md")) as fh:
         print(fh.read())
+    if args.reference:
+        compare_reference(summary, args)
     return summary
 
 

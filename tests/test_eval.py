@@ -481,3 +481,22 @@ def test_a_diverged_checkpoint_stops_eval_without_a_video(eval_set, models, monk
         ev.main(["--data", str(eval_set / "data"), "--out", str(eval_set / "out"), "--max-clips", "1",
                  "--vae", str(eval_set / "vae.safetensors"), "--ckpt", str(eval_set / "full.safetensors")])
     assert os.listdir(eval_set / "out" / "videos" / "base") == []
+
+
+def test_reference_comparison_says_reproduced_only_within_the_tolerance(tmp_path, capsys):
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps({"tolerance": 0.01, "about": "a test", "eval": {
+        "ipro": {"dlib": {"diff": 0.020}, "reward": {"diff": 0.050}}}}))
+    args = ev.get_args(["--data", ".", "--out", str(tmp_path), "--reference", str(ref)])
+
+    def summary(dlib, rew):
+        return {"base": {"dlib": {}, "reward": {}},
+                "ipro": {"dlib": {"vs_first": dict(diff=dlib, se=0.001, higher=1, n=2, ref="base")},
+                         "reward": {"vs_first": dict(diff=rew, se=0.001, higher=1, n=2, ref="base")}}}
+    assert ev.compare_reference(summary(0.025, 0.045), args)
+    assert "reproduced (eval split): yes" in capsys.readouterr().out
+    assert not ev.compare_reference(summary(0.025, 0.065), args)
+    out = capsys.readouterr().out
+    assert "reproduced (eval split): no" in out and "reward: +0.0650 here, +0.0500 in the reference: OUTSIDE" in out
+    assert not ev.compare_reference({"base": {}}, args)                     # a row that is missing counts as not
+    assert "missing here" in capsys.readouterr().out
