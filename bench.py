@@ -649,7 +649,7 @@ def random_weights(device):
     the hub's (the loaders are swapped for the call; everything load_models does after them runs)."""
     def experts(cfg, src, ckpt=None, loras=(), where=device, dtype=torch.float32, last_dtype=None):
         dtypes = [dtype] * (len(cfg.experts or (None,)) - 1) + [last_dtype or dtype]
-        return [wan.cast_dit(random_dit(cfg, where), d).eval().requires_grad_(False) for d in dtypes]
+        return [wan.cast_dit(random_dit(cfg, device), d).to(where).eval().requires_grad_(False) for d in dtypes]
 
     def vae(cfg, *args, dtype=torch.float32, **kwargs):
         torch.manual_seed(0)
@@ -775,7 +775,8 @@ def gpu_ipro_sample(preset=GPU["preset"], frames=GPU["frames"], size=GPU["size"]
 # The settings the README plans for an 80 GB GPU (train.py --dry-run --gpu-mem 80), measured.
 GPU_MEMORY = (("5b", 81, (480, 832), ()),
               ("5b", 81, (480, 832), ("--base-dtype", "bf16")),
-              ("5b", 81, (704, 1280), ("--base-dtype", "bf16", "--checkpointing", "call")))
+              ("5b", 81, (704, 1280), ("--base-dtype", "bf16", "--checkpointing", "call")),
+              ("a14b", 81, (480, 832), ("--base-dtype", "bf16", "--checkpointing", "call", "--offload-high-noise")))
 
 
 def ipro_step_memory(preset, frames, size, flags=(), device="cuda"):
