@@ -171,15 +171,12 @@ def sample_indices(n_frames, k):
 
 
 def open_clips(args):
-    """The eval split (data.ClipDataset) and each clip's id and caption; the videos are loaded one
-    clip at a time by load_clip, so a long eval set never sits in memory at once."""
+    """The eval split (data.ClipDataset) and each clip's id and caption, read from its record; the
+    videos are decoded one clip at a time by load_clip, so a long eval set never sits in memory."""
     ds = data.ClipDataset(args.data, split=args.split, frames=args.frames, size=args.size)
-    n = len(ds) if not args.max_clips else min(args.max_clips, len(ds))
-    metas = []
-    for k in range(n):
-        rec = ds[k]
-        metas.append(dict(index=k, clip_id=str(rec["clip_id"]), caption=str(rec.get("caption", ""))))
-    return ds, metas
+    records = ds.records[:args.max_clips] if args.max_clips else ds.records
+    return ds, [dict(index=k, clip_id=meta["clip_id"], caption=meta.get("caption", ""))
+                for k, (_, meta) in enumerate(records)]
 
 
 def load_clip(ds, meta, max_pool=0):

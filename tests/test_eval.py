@@ -360,8 +360,13 @@ def test_on_data_py_demo_clips_a_pasted_face_tops_facesim_but_is_flagged(tmp_pat
     for k in range(2):
         it = ds[k]
         wan.save_video(str(tmp_path / "pasted" / f"{it['clip_id']}.mp4"), it["image"][:, None].repeat(1, 5, 1, 1), 8)
-    summary = ev.main(["--data", str(tmp_path / "demo"), "--videos", str(tmp_path / "pasted"), "--out",
-                       str(tmp_path / "out"), "--max-clips", "2"])
+    argv = ["--data", str(tmp_path / "demo"), "--videos", str(tmp_path / "pasted"), "--out", str(tmp_path / "out"),
+            "--max-clips", "2"]
+    with monkeypatch.context() as m:             # the clips' ids and captions come from their records, not the videos
+        m.setattr(wan, "read_video", lambda *a, **k: pytest.fail("open_clips decoded a video"))
+        _, metas = ev.open_clips(ev.get_args(argv))
+    assert [(c["clip_id"], c["caption"]) for c in metas] == [(ds[k]["clip_id"], ds[k]["caption"]) for k in range(2)]
+    summary = ev.main(argv)
     gt, pasted = summary["ground truth"]["reward"], summary["pasted"]["reward"]
     assert gt["videos"] == pasted["videos"] == 2 and gt["face_rate"] > 0.7
     assert pasted["face_sim"] > gt["face_sim"] and pasted["copy_gap"] > gt["copy_gap"] + 0.03
