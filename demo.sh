@@ -16,7 +16,7 @@ COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --sa
 
 python data.py demo --out "$OUT/data" --clips 4
 python train.py $COMMON --method sft --out "$OUT/sft" --steps 2000 --batch 8 --micro-batch 8 --lr 1e-3
-python train.py $COMMON --init "$OUT/sft/model.safetensors" --out "$OUT/ipro" --steps 100 --batch 4 --micro-batch 4 \
+python train.py $COMMON --ckpt "$OUT/sft/model.safetensors" --out "$OUT/ipro" --steps 100 --batch 4 --micro-batch 4 \
     --lr 1e-3
 python eval.py --data "$OUT/data" --model tiny --solver euler --weights "$OUT/sft/model.safetensors" --vae $VAE \
     --ckpt "$OUT/ipro/model.safetensors" --train-log "$OUT/ipro/train.jsonl" --out "$OUT/eval" > "$OUT/eval.log"
