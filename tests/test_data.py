@@ -25,26 +25,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def faces():
-    return data.load_faces(data.get_args(["prepare", "--videos", ".", "--out", ".", "--device", "cpu"]))
+def face_models():
+    """(the FaceReward, its files' names), as data.prepare takes them."""
+    return data.load_face_reward(data.get_args(["prepare", "--videos", ".", "--out", ".", "--device", "cpu"]))
 
 
 @pytest.fixture(scope="module")
-def photos(faces):
-    return {name: (identity, img, face) for name, identity, img, face in data.demo_photos(faces[0])}
+def photos(face_models):
+    return {name: (identity, img, face) for name, identity, img, face in data.demo_photos(face_models[0])}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, faces):
+def demo(tmp_path_factory, face_models):
     out = tmp_path_factory.mktemp("demo")
-    summary = data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1"]), *faces)
+    summary = data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1"]), *face_models)
     return out, summary
 
 
-def run_prepare(faces, videos, out, *extra):
+def run_prepare(face_models, videos, out, *extra):
     args = data.get_args(["prepare", "--videos", str(videos), "--out", str(out), "--model", "tiny",
                           "--device", "cpu", *extra])
-    return data.prepare(args, *faces)
+    return data.prepare(args, *face_models)
 
 
 def manifest_lines(out):
@@ -88,7 +89,7 @@ def cover_eyes(img, face):
 # The demo set through the real pipeline
 
 
-def test_demo_records_hold_each_persons_faces(demo, faces, photos):
+def test_demo_records_hold_each_persons_faces(demo, face_models, photos):
     out, summary = demo
     lines = manifest_lines(out)
     videos = data.list_videos(out / "videos")
@@ -99,8 +100,8 @@ def test_demo_records_hold_each_persons_faces(demo, faces, photos):
     with torch.no_grad():
         for name in names:
             identity, img, face = photos[name]
-            crop = faces[0].align(reward.to_pixels(img[None]), face.landmarks[None])
-            refs.setdefault(identity, []).append(faces[0].embed_crops(crop)[0])
+            crop = face_models[0].align(reward.to_pixels(img[None]), face.landmarks[None])
+            refs.setdefault(identity, []).append(face_models[0].embed_crops(crop)[0])
     identities = sorted(refs)
     ref = torch.stack([torch.stack(refs[i]).mean(0) for i in identities])             # (12, D)
     checked = found = 0
@@ -148,7 +149,7 @@ def test_face_limit_scales_with_the_shorter_side():
 # Each filter against a clip built to fail it
 
 
-def test_each_filter_rejects_the_clip_built_to_fail_it(tmp_path, faces, photos):
+def test_each_filter_rejects_the_clip_built_to_fail_it(tmp_path, face_models, photos):
     videos = tmp_path / "videos"
     videos.mkdir()
     write_mp4(videos / "ok.mp4", clip(photos, "t1_2"))
@@ -161,7 +162,7 @@ def test_each_filter_rejects_the_clip_built_to_fail_it(tmp_path, faces, photos):
         list(clip({"x": covered}, "x", frames=2, seed=1)) + list(faceless(photos, 5))
     write_mp4(videos / "occluded.mp4", occluded)
     (videos / "ok.txt").write_text("someone at a card table\n")
-    summary = run_prepare(faces, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
+    summary = run_prepare(face_models, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
     lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
     assert {v: l["reason"] for v, l in lines.items()} == {
         "ok.mp4": "ok", "large.mp4": "face_too_large", "few.mp4": "few_faces", "short.mp4": "too_short",
@@ -176,17 +177,17 @@ def test_each_filter_rejects_the_clip_built_to_fail_it(tmp_path, faces, photos):
     assert summary["kept"] == 1 and summary["rejected"] == 4 and summary["clips_per_minute"] > 0
 
 
-def test_every_nth_frame_and_pool_frames(tmp_path, faces, photos):
+def test_every_nth_frame_and_pool_frames(tmp_path, face_models, photos):
     videos = tmp_path / "videos"
     videos.mkdir()
     write_mp4(videos / "a.mp4", clip(photos, "person_b_1"))
-    run_prepare(faces, videos, tmp_path / "out", "--every", "2", "--min-frames", "9", "--max-face-px", "720")
+    run_prepare(face_models, videos, tmp_path / "out", "--every", "2", "--min-frames", "9", "--max-face-px", "720")
     t, meta = data.read_record(tmp_path / "out" / "clips" / "a.safetensors")
     assert t["pool_frames"].tolist() == [0, 2, 4, 6, 8] and json.loads(meta["stats"])["frames_checked"] == 5
 
 
 
-def test_pool_keeps_every_detected_face_and_the_dataset_only_the_clips_frames(tmp_path, faces, photos):
+def test_pool_keeps_every_detected_face_and_the_dataset_only_the_clips_frames(tmp_path, face_models, photos):
     """The occlusion proxy decides whether a clip is kept, not what its pool holds: a clip with two
     covered-eye frames (still 7 of 9 visible) pools all 9 faces. A clip whose faces after frame 0 all
     lie past the frames a ClipDataset returns gets an empty pool there, never faces from outside the clip."""
@@ -198,7 +199,7 @@ def test_pool_keeps_every_detected_face_and_the_dataset_only_the_clips_frames(tm
               + list(clip(photos, "t1_2", frames=2, seed=2)))
     write_mp4(videos / "late.mp4", list(clip(photos, "t1_2", frames=1)) + list(faceless(photos, 4))
               + list(clip(photos, "t1_2", frames=4, seed=3)))
-    run_prepare(faces, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
+    run_prepare(face_models, videos, tmp_path / "out", "--min-frames", "9", "--max-face-px", "720")
     lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
     assert lines["partly.mp4"]["reason"] == lines["late.mp4"]["reason"] == "ok", lines
     stats = lines["partly.mp4"]["stats"]
@@ -229,12 +230,12 @@ def copy_demo_videos(demo, dest, n):
     return names
 
 
-def test_crash_then_rerun_does_every_clip_once(tmp_path, faces, demo, monkeypatch):
+def test_crash_then_rerun_does_every_clip_once(tmp_path, face_models, demo, monkeypatch):
     names = copy_demo_videos(demo, tmp_path / "videos", 5)
     out, clips = tmp_path / "out", tmp_path / "out" / "clips"
 
     def prepare():
-        return run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+        return run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
 
     real_process, real_append, real_replace = data.process_video, data.append_line, os.replace
     calls = []
@@ -285,7 +286,7 @@ def test_crash_then_rerun_does_every_clip_once(tmp_path, faces, demo, monkeypatc
 # Broken and unusual inputs
 
 
-def test_broken_and_unusual_inputs_are_reported_and_the_run_goes_on(tmp_path, faces, photos):
+def test_broken_and_unusual_inputs_are_reported_and_the_run_goes_on(tmp_path, face_models, photos):
     videos = tmp_path / "videos"
     videos.mkdir()
     good = clip(photos, "impostor_2")
@@ -303,7 +304,7 @@ def test_broken_and_unusual_inputs_are_reported_and_the_run_goes_on(tmp_path, fa
     canvas = np.full((3, 2160, 3840, 3), 96, np.uint8)                                  # 4K, 3 frames
     canvas[:, 900:1220, 1700:2020] = clip(photos, "impostor_2", frames=3, size=320, frac=0.35)
     write_mp4(videos / "uhd.mp4", canvas)
-    summary = run_prepare(faces, videos, tmp_path / "out", "--min-frames", "3", "--max-face-px", "720")
+    summary = run_prepare(face_models, videos, tmp_path / "out", "--min-frames", "3", "--max-face-px", "720")
     lines = {l["video"]: l for l in manifest_lines(tmp_path / "out")}
     assert {v: l["reason"] for v, l in lines.items()} == {
         "good.mp4": "ok", "truncated.mp4": "unreadable", "zero.mp4": "empty_file", "notes.mp4": "unreadable",
@@ -361,19 +362,19 @@ def test_dataset_items_and_a_deterministic_split(demo, tmp_path):
 # torchrun sharding
 
 
-def test_two_ranks_cover_every_clip_once(tmp_path, faces, demo, monkeypatch):
+def test_two_ranks_cover_every_clip_once(tmp_path, face_models, demo, monkeypatch):
     names = copy_demo_videos(demo, tmp_path / "videos", 5)
     out = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+        run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
     parts = {r: [json.loads(s)["video"] for s in open(out / f"manifest.rank{r}.jsonl")] for r in (0, 1)}
     assert parts[0] == names[0::2] and parts[1] == names[1::2]
     assert sorted(data.read_manifest(out)) == names and len(os.listdir(out / "clips")) == 5
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    summary = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    summary = run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
     assert summary["skipped"] == 5 and not (out / "manifest.jsonl").exists()
 
 # -----------------------------------------------------------------------------
@@ -408,21 +409,21 @@ def test_shipped_vae_reconstructs_held_out_faces_in_every_frame(demo):
     assert min(psnr[5:]) > sum(psnr[1:5]) / 4 - 3.0, psnr          # the VAE fitted on 5-frame windows: 14.5 vs 23.6
 
 
-def test_a_binary_caption_rejects_its_clip_and_a_rerun_keeps_its_filters(tmp_path, faces, demo):
+def test_a_binary_caption_rejects_its_clip_and_a_rerun_keeps_its_filters(tmp_path, face_models, demo):
     names = copy_demo_videos(demo, tmp_path / "videos", 2)
     bad_txt = tmp_path / "videos" / names[0].replace(".mp4", ".txt")
     bad_txt.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary")
     out = tmp_path / "out"
-    summary = run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
+    summary = run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")
     lines = {l["video"]: l for l in manifest_lines(out)}
     assert lines[names[0]]["reason"] == "bad_caption" and str(bad_txt) in lines[names[0]]["detail"]
     assert "not UTF-8" in lines[names[0]]["detail"] and lines[names[1]]["reason"] == "ok"
     assert summary["kept"] == 1 and summary["rejected"] == 1
     with pytest.raises(SystemExit) as err:
-        run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "100")
+        run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "100")
     print(err.value.code)
     assert "--max-face-px 720.0 (now 100.0)" in str(err.value.code) and "new --out" in str(err.value.code)
-    assert run_prepare(faces, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")["skipped"] == 2
+    assert run_prepare(face_models, tmp_path / "videos", out, "--min-frames", "9", "--max-face-px", "720")["skipped"] == 2
 
 
 @pytest.mark.parametrize("flag", ["--clips", "--frames", "--size", "--fps"])
@@ -434,15 +435,15 @@ def test_demo_names_the_flag_that_is_wrong(flag, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, faces):
+def world(tmp_path_factory, face_models):
     """The demo world: pseudo-identities made from the training photos, and held-out people."""
     out = tmp_path_factory.mktemp("world")
     data.build_demo(data.get_args(["demo", "--out", str(out), "--clips", "1", "--eval-clips", "2",
-                                   "--pseudo", "6"]), *faces)
+                                   "--pseudo", "6"]), *face_models)
     return out
 
 
-def test_held_out_people_never_appear_in_the_training_data_in_any_form(world, faces, photos):
+def test_held_out_people_never_appear_in_the_training_data_in_any_form(world, face_models, photos):
     """No held-out person is a training clip, nor a host or donor of a pseudo-identity; and no
     training clip's face is as close to a held-out person as another photo of the same person is."""
     recipes = json.load(open(world / "videos" / "pseudo_identities.json"))
@@ -461,8 +462,8 @@ def test_held_out_people_never_appear_in_the_training_data_in_any_form(world, fa
         refs = {}
         for name, (identity, img, face) in photos.items():
             if identity in held_out:
-                crop = faces[0].align(reward.to_pixels(img[None]), face.landmarks[None])
-                refs.setdefault(identity, []).append(faces[0].embed_crops(crop)[0])
+                crop = face_models[0].align(reward.to_pixels(img[None]), face.landmarks[None])
+                refs.setdefault(identity, []).append(face_models[0].embed_crops(crop)[0])
     worst = max(float((t["pool_emb"] @ torch.stack(refs[i]).T).max()) for t, m in records if m["split"] == "train"
                 for i in refs)
     own = min(float((t["pool_emb"] @ torch.stack(refs[m["identity"]]).T).max(1).values.mean())

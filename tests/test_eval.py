@@ -147,15 +147,15 @@ SWITCH = ["person_a_2"] * 3 + ["impostor_2"] * 3                  # impostor_2 i
 
 
 def test_one_person_beats_a_switch_and_drift_drops_at_the_switch(models):
-    faces_model, evaluators = models
+    face_reward, evaluators = models
     assert set(evaluators) == {"dlib", "reward"}
     image = clip_frames(["person_a_1"], seed=9)
     same, switch = clip_frames(SAME, seed=1), clip_frames(SWITCH, seed=1)   # same poses for the first half
     for name, (_, embed) in evaluators.items():
-        ref, ref_mask = embed(image, faces_model.detect(image))
+        ref, ref_mask = embed(image, face_reward.detect(image))
         assert ref_mask.all()
-        s_same, f_same = ev.face_sim(*embed(same, faces_model.detect(same)), ref[0])
-        s_switch, f_switch = ev.face_sim(*embed(switch, faces_model.detect(switch)), ref[0])
+        s_same, f_same = ev.face_sim(*embed(same, face_reward.detect(same)), ref[0])
+        s_switch, f_switch = ev.face_sim(*embed(switch, face_reward.detect(switch)), ref[0])
         assert None not in f_same + f_switch, name
         assert s_same > s_switch, (name, f_same, f_switch)
         assert f_switch[:3] == pytest.approx(f_same[:3], abs=1e-6)
@@ -164,11 +164,11 @@ def test_one_person_beats_a_switch_and_drift_drops_at_the_switch(models):
 
 
 def test_dlib_separates_people_on_real_photos(models):
-    faces_model, evaluators = models
+    face_reward, evaluators = models
     embed = evaluators["dlib"][1]
     names = ["person_a_1", "person_a_2", "person_b_1", "person_b_2", "impostor_1", "impostor_2"]
     imgs = [photo(n) for n in names]
-    emb = torch.cat([embed(im[None], faces_model.detect(im[None]))[0] for im in imgs])
+    emb = torch.cat([embed(im[None], face_reward.detect(im[None]))[0] for im in imgs])
     sim = emb @ emb.T
     same = [float(sim[0, 1]), float(sim[2, 3])]
     diff = [float(sim[i, j]) for i in range(6) for j in range(i + 1, 6) if (i, j) not in ((0, 1), (2, 3))]
@@ -360,8 +360,13 @@ def test_on_data_py_demo_clips_a_pasted_face_tops_facesim_but_is_flagged(tmp_pat
     for k in range(2):
         it = ds[k]
         wan.save_video(str(tmp_path / "pasted" / f"{it['clip_id']}.mp4"), it["image"][:, None].repeat(1, 5, 1, 1), 8)
-    summary = ev.main(["--data", str(tmp_path / "demo"), "--videos", str(tmp_path / "pasted"), "--out",
-                       str(tmp_path / "out"), "--max-clips", "2"])
+    argv = ["--data", str(tmp_path / "demo"), "--videos", str(tmp_path / "pasted"), "--out", str(tmp_path / "out"),
+            "--max-clips", "2"]
+    with monkeypatch.context() as m:             # the clips' ids and captions come from their records, not the videos
+        m.setattr(wan, "read_video", lambda *a, **k: pytest.fail("open_clips decoded a video"))
+        _, metas = ev.open_clips(ev.get_args(argv))
+    assert [(c["clip_id"], c["caption"]) for c in metas] == [(ds[k]["clip_id"], ds[k]["caption"]) for k in range(2)]
+    summary = ev.main(argv)
     gt, pasted = summary["ground truth"]["reward"], summary["pasted"]["reward"]
     assert gt["videos"] == pasted["videos"] == 2 and gt["face_rate"] > 0.7
     assert pasted["face_sim"] > gt["face_sim"] and pasted["copy_gap"] > gt["copy_gap"] + 0.03
@@ -390,7 +395,7 @@ def test_generation_with_cfg_records_its_sampler(eval_set, models, monkeypatch):
     out = eval_set / "cfg"
     ev.main(argv + ["--out", str(out), "--guidance", "3"])
     report = json.loads((out / "results.json").read_text())
-    want = dict(solver="unipc", steps=cfg.sample_steps, shift=cfg.sample_shift, guidance=3.0)
+    want = dict(solver="unipc", sample_steps=cfg.sample_steps, shift=cfg.sample_shift, guidance=3.0)
     assert {k: report["sampler"][k] for k in want} == want and "NEG_PROMPT" in report["sampler"]["negative_prompt"]
     assert "frame 0" in report["facesim_definition"] and "max(0, cos" in report["facesim_definition"]
     for label in ("base", "full"):
@@ -411,10 +416,10 @@ def test_generation_with_cfg_records_its_sampler(eval_set, models, monkeypatch):
     assert (videos[0] - videos[1]).abs().max() > 1e-3 and (videos[0] - videos[2]).abs().max() > 1e-3
     lightning = ev.get_args(["--data", ".", "--out", ".", "--model", "a14b", "--lora", "x.safetensors"])
     assert ev.resolve_sampler(lightning) is None
-    assert (lightning.solver, lightning.steps, lightning.shift, lightning.guidance) == ("euler", 8, 5.0, 1.0)
+    assert (lightning.solver, lightning.sample_steps, lightning.shift, lightning.guidance) == ("euler", 8, 5.0, 1.0)
     official = ev.get_args(["--data", str(eval_set / "data"), "--out", ".", "--model", "5b"])
     assert ev.resolve_sampler(official).shape == (6, cfg.text_dim)        # CFG on: prepare's negative context
-    assert (official.solver, official.steps, official.shift, official.guidance) == ("unipc", 50, 5.0, 5.0)
+    assert (official.solver, official.sample_steps, official.shift, official.guidance) == ("unipc", 50, 5.0, 5.0)
 
 
 def test_cached_videos_are_reused_only_when_everything_that_made_them_is_the_same(eval_set, models, monkeypatch):
@@ -424,7 +429,7 @@ def test_cached_videos_are_reused_only_when_everything_that_made_them_is_the_sam
     monkeypatch.setattr(ev, "load_evaluators", lambda args: (models[0], {"reward": models[1]["reward"]}))
     real, made = ev.generate_one, []
     monkeypatch.setattr(ev, "generate_one", lambda cfg, experts, vae, clip, seed, args, device, neg=None:
-                        made.append((clip["clip_id"], seed, args.steps)) or real(cfg, experts, vae, clip, seed, args,
+                        made.append((clip["clip_id"], seed, args.sample_steps)) or real(cfg, experts, vae, clip, seed, args,
                                                                                   device, neg))
     cfg = wan.get_config("tiny")
     torch.manual_seed(1)
@@ -454,10 +459,10 @@ def test_cached_videos_are_reused_only_when_everything_that_made_them_is_the_sam
     assert again["run"]["reward"]["face_sim"] != first["run"]["reward"]["face_sim"] or \
         again["run"]["reward"]["motion"] != first["run"]["reward"]["motion"], "the old video's scores were reused"
     made.clear()
-    ev.main(argv + ["--steps", "4"])
+    ev.main(argv + ["--sample-steps", "4"])
     assert made == [("a", 0, 4), ("a", 0, 4)]
     made.clear()
-    ev.main(argv + ["--steps", "4", "--seed", "7"])
+    ev.main(argv + ["--sample-steps", "4", "--seed", "7"])
     assert made == [("a", 7, 4), ("a", 7, 4)]
 
 

@@ -34,7 +34,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run(out, *flags, model="tiny", image=FACE, prompt=PROMPT):
+def run_sample(out, *flags, model="tiny", image=FACE, prompt=PROMPT):
     """sample.py in this process: the video it returned, and the JSON it wrote beside the mp4."""
     video = sample.main(["--model", model, "--image", str(image), "--prompt", prompt, "--out", str(out), *flags])
     with open(str(out)[:-len(".mp4")] + ".json") as fh:
@@ -112,11 +112,11 @@ def test_ti2v_first_frame_is_the_image_through_the_vae(name, tmp_path, register)
         cfg, vae_file = wan.CONFIGS["tiny"], str(tmp_path / "vae.safetensors")
         torch.manual_seed(1)
         save_file(wan.build_vae(cfg).state_dict(), vae_file)
-        video, meta = run(tmp_path / "out.mp4", "--vae", vae_file, "--seed", "3")
+        video, meta = run_sample(tmp_path / "out.mp4", "--vae", vae_file, "--seed", "3")
     else:
         cfg, folder = register(name)
         vae_file = str(folder / wan.VAE_FILES[cfg.vae])
-        video, meta = run(tmp_path / "out.mp4", "--weights", str(folder), "--seed", "3", model=cfg.name)
+        video, meta = run_sample(tmp_path / "out.mp4", "--weights", str(folder), "--seed", "3", model=cfg.name)
     vae = wan.load_vae(cfg, vae_file)
     image = wan.prepare_image(wan.load_image(FACE), cfg, cfg.size)                 # (3, H, W)
     reconstructed = vae.decode(vae.encode(image[None, :, None]), checkpoint=False)[0, :, 0]
@@ -133,7 +133,7 @@ DEMO_VAE = os.path.join(REPO, "assets", "tiny_vae.safetensors")
 def test_first_frame_of_the_mp4_looks_like_the_input_image_through_the_demo_vae(tmp_path):
     # A random VAE draws noise, so only a fitted one can show the image itself: PSNR 22.4 dB here (measured);
     # the same frame mirrored, or flat grey, scores 14-15 dB.
-    run(tmp_path / "out.mp4", "--vae", DEMO_VAE, "--frames", "5", "--seed", "0")
+    run_sample(tmp_path / "out.mp4", "--vae", DEMO_VAE, "--frames", "5", "--seed", "0")
     image = wan.prepare_image(wan.load_image(FACE), wan.CONFIGS["tiny"], (64, 64))
     first = to_pixels(iio.imread(tmp_path / "out.mp4"))[:, 0]
     assert 10 * torch.log10(4 / (first - image).square().mean()) > 20
@@ -157,14 +157,14 @@ def flags_from(meta):
 def test_mp4_round_trip_and_json_reproduces_the_video(tmp_path):
     square = tmp_path / "square.png"
     Image.open(FACE).crop((0, 20, 204, 224)).save(square)
-    video, meta = run(tmp_path / "a.mp4", "--frames", "5", "--size", "48*48", image=square)  # no --seed
+    video, meta = run_sample(tmp_path / "a.mp4", "--frames", "5", "--size", "48*48", image=square)  # no --seed
     frames = iio.imread(tmp_path / "a.mp4")
     assert frames.shape == (5, 48, 48, 3) and frames.dtype == np.uint8
     # yuv420p keeps colour at half resolution, and these random models draw pixel noise: compare 2x2 means.
     assert (half(to_pixels(frames)) - half(video)).abs().mean() < 0.03
     assert set(vars(sample.get_args(["--image", "-", "--prompt", "-"]))) <= set(meta)
     assert isinstance(meta["seed"], int) and meta["frames"] == 5 and meta["size"] == "48*48"
-    assert meta["steps"] == 8 and meta["guidance"] == 1.0 and meta["fps"] == 8
+    assert meta["sample_steps"] == 8 and meta["guidance"] == 1.0 and meta["fps"] == 8
     # The same settings, the recorded seed included, give the same video, bit for bit.
     again = sample.main(flags_from(dict(meta, out=str(tmp_path / "b.mp4"))))
     assert torch.equal(again, video)
@@ -216,7 +216,7 @@ def test_a14b_two_experts_y_condition_lora_and_ckpt(tmp_path, register, monkeypa
         return forward(model, x, t, context, y=y)
 
     monkeypatch.setattr(wan.WanModel, "forward", spy)
-    base, meta = run(tmp_path / "base.mp4", "--weights", str(folder), "--seed", "0", model=cfg.name)
+    base, meta = run_sample(tmp_path / "base.mp4", "--weights", str(folder), "--seed", "0", model=cfg.name)
     monkeypatch.setattr(wan.WanModel, "forward", forward)
     h, w = meta["height"] // 8, meta["width"] // 8
     assert (meta["height"], meta["width"]) == (64, 48) and base.shape == (3, 5, 64, 48)
@@ -234,11 +234,11 @@ def test_a14b_two_experts_y_condition_lora_and_ckpt(tmp_path, register, monkeypa
     delta = lora_file(cfg, str(tmp_path / "lora.safetensors"), seed=1)
     merged = {k: v + delta.get(k, 0) for k, v in experts["low_noise_model"].items()}
     save_file(merged, str(tmp_path / "full.safetensors"))
-    low, _ = run(tmp_path / "low.mp4", "--weights", str(folder), "--seed", "0", "--lora",
+    low, _ = run_sample(tmp_path / "low.mp4", "--weights", str(folder), "--seed", "0", "--lora",
                  f"low={tmp_path / 'lora.safetensors'}", model=cfg.name)
-    ckpt_lora, _ = run(tmp_path / "ckpt_lora.mp4", "--weights", str(folder), "--seed", "0", "--ckpt",
+    ckpt_lora, _ = run_sample(tmp_path / "ckpt_lora.mp4", "--weights", str(folder), "--seed", "0", "--ckpt",
                        str(tmp_path / "lora.safetensors"), model=cfg.name)
-    ckpt_full, _ = run(tmp_path / "ckpt_full.mp4", "--weights", str(folder), "--seed", "0", "--ckpt",
+    ckpt_full, _ = run_sample(tmp_path / "ckpt_full.mp4", "--weights", str(folder), "--seed", "0", "--ckpt",
                        str(tmp_path / "full.safetensors"), model=cfg.name)
     assert (low - base).abs().max() > 0.05
     torch.testing.assert_close(ckpt_lora, low, rtol=0, atol=1e-5)
@@ -253,9 +253,9 @@ def test_a14b_two_experts_y_condition_lora_and_ckpt(tmp_path, register, monkeypa
     (high_folder / "high_noise_model").mkdir()
     save_file({k: v + delta.get(k, 0) for k, v in experts["high_noise_model"].items()},
               str(high_folder / "high_noise_model" / "diffusion_pytorch_model.safetensors"))
-    high, _ = run(tmp_path / "high.mp4", "--weights", str(folder), "--seed", "0", "--lora",
+    high, _ = run_sample(tmp_path / "high.mp4", "--weights", str(folder), "--seed", "0", "--lora",
                   f"high={tmp_path / 'lora.safetensors'}", model=cfg.name)
-    high_ref, _ = run(tmp_path / "high_ref.mp4", "--weights", str(high_folder), "--seed", "0", model=cfg.name)
+    high_ref, _ = run_sample(tmp_path / "high_ref.mp4", "--weights", str(high_folder), "--seed", "0", model=cfg.name)
     assert (high - base).abs().max() > 1e-3 and (high - low).abs().max() > 1e-3  # float noise: ~1e-6
     torch.testing.assert_close(high, high_ref, rtol=0, atol=1e-5)
 
@@ -316,7 +316,7 @@ def test_image_modes_load_as_rgb(tmp_path):
     assert a[0, 7, 0] == 255 and abs(a[0, 7, 1] - 127) <= 1
     assert wan.load_image(str(tmp_path / "rotated.jpg")).size == (20, 40)  # as a viewer shows it
     # And the whole pipeline takes a 16-bit file.
-    video, _ = run(tmp_path / "gray16.mp4", "--frames", "1", "--steps", "1", image=tmp_path / "gray16.png")
+    video, _ = run_sample(tmp_path / "gray16.mp4", "--frames", "1", "--sample-steps", "1", image=tmp_path / "gray16.png")
     assert video.shape == (3, 1, 64, 64)
 
 
@@ -383,7 +383,7 @@ def test_tiny_runs_offline_with_a_progress_bar(cli):
     assert sorted(os.listdir(out)) == ["video.json", "video.mp4"]
     assert iio.imread(out / "video.mp4").shape == (5, 72, 56, 3)
     settings = json.loads(stdout.splitlines()[0])  # the resolved settings, printed once at the start
-    assert settings["frames"] == 5 and settings["steps"] == 8 and isinstance(settings["seed"], int)
+    assert settings["frames"] == 5 and settings["sample_steps"] == 8 and isinstance(settings["seed"], int)
     assert re.search(r"sampling: 100%\S* 8/8", stderr)
 
 
@@ -398,7 +398,7 @@ def test_help_describes_every_option(cli):
 
 @pytest.mark.parametrize("flags, message", [
     (["--frames", "0"], "--frames 0: the VAE needs 4n\\+1"),
-    (["--steps", "0"], "--steps 0: at least 1"),
+    (["--sample-steps", "0"], "--sample-steps 0: at least 1"),
     (["--size", "64x0"], "--size '64x0': expected H\\*W"),
     (["--out", "{tmp}/video.json"], "must end in .mp4"),
     (["--image", "{tmp}/tall.png"], "image of 1x4000 pixels: its aspect ratio is too extreme"),
@@ -484,8 +484,8 @@ def test_an_fp16_checkpoint_samples_like_its_fp32_original(tmp_path):
     sd = tiny_sd(1)
     save_file({k: v.half() for k, v in sd.items()}, str(tmp_path / "half.safetensors"))
     save_file({k: v.half().float() for k, v in sd.items()}, str(tmp_path / "full.safetensors"))
-    a, _ = run(tmp_path / "a.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "half.safetensors"))
-    b, _ = run(tmp_path / "b.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "full.safetensors"))
+    a, _ = run_sample(tmp_path / "a.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "half.safetensors"))
+    b, _ = run_sample(tmp_path / "b.mp4", "--frames", "5", "--seed", "1", "--ckpt", str(tmp_path / "full.safetensors"))
     assert torch.equal(a, b)
 
 
@@ -493,7 +493,7 @@ def test_a_non_finite_video_is_an_error_and_no_file(tmp_path, monkeypatch):
     real = wan.generate
     monkeypatch.setattr(wan, "generate", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "v.mp4", "--frames", "5")
+        run_sample(tmp_path / "v.mp4", "--frames", "5")
     assert "non-finite values" in str(exit.value.code) and "nothing written" in str(exit.value.code)
     assert os.listdir(tmp_path) == []
 
@@ -502,10 +502,10 @@ def test_the_settings_json_never_replaces_another_file(tmp_path):
     notes = tmp_path / "notes.json"
     notes.write_text('{"my": "notes"}')
     with pytest.raises(SystemExit) as exit:
-        run(tmp_path / "notes.mp4", "--frames", "5")
+        run_sample(tmp_path / "notes.mp4", "--frames", "5")
     assert "notes.json exists and is not a settings file of sample.py" in str(exit.value.code)
     assert notes.read_text() == '{"my": "notes"}' and sorted(os.listdir(tmp_path)) == ["notes.json"]
     # Its own settings file from an earlier run is replaced, as a re-run should.
-    run(tmp_path / "v.mp4", "--frames", "5", "--seed", "1")
-    _, meta = run(tmp_path / "v.mp4", "--frames", "5", "--seed", "2")
+    run_sample(tmp_path / "v.mp4", "--frames", "5", "--seed", "1")
+    _, meta = run_sample(tmp_path / "v.mp4", "--frames", "5", "--seed", "2")
     assert meta["seed"] == 2 and meta["written_by"] == "sample.py"

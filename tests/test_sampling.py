@@ -132,23 +132,23 @@ def ti2v_inputs(B=1, seed=0):
     return noise, z_img, ctx, ctx_null
 
 
-def test_last_window_builds_exactly_k_graphs():
+def test_low_window_builds_exactly_k_graphs():
     probe = Probe(tiny(TI2V), 8)
     noise, z_img, ctx, _ = ti2v_inputs()
     x0, trace = wan.generate(probe, TI2V, noise, ctx, z_img=z_img, steps=8, guidance=1.0, solver="euler",
-                             grad_last_k=4, return_trace=True)
+                             grad_steps=4, return_trace=True)
     assert probe.grad_enabled == [False] * 4 + [True] * 4
     assert trace.graph_calls == 4 and [s["i"] for s in trace.steps] == [4, 5, 6, 7]
     assert all(s["v"].requires_grad and not s["x_t"].requires_grad for s in trace.steps)
     assert x0.requires_grad
     with torch.no_grad():  # sampling: no graph whatever K says
         _, trace = wan.generate(Probe(tiny(TI2V), 8), TI2V, noise, ctx, z_img=z_img, steps=8, guidance=1.0,
-                                solver="euler", grad_last_k=4, return_trace=True)
+                                solver="euler", grad_steps=4, return_trace=True)
     assert trace.graph_calls == 0
 
 
-@pytest.mark.parametrize("window,solver", [("last", "euler"), ("last", "unipc"), ("first", "euler"),
-                                           ("first", "unipc")])
+@pytest.mark.parametrize("window,solver", [("low", "euler"), ("low", "unipc"), ("high", "euler"),
+                                           ("high", "unipc")])
 def test_window_gradients_equal_full_backprop_on_the_window(window, solver):
     """Full backprop (K = N) gives the exact d loss / d gain[n] for every call n; the window must
     reproduce it on its K calls and give nothing to the others."""
@@ -159,11 +159,11 @@ def test_window_gradients_equal_full_backprop_on_the_window(window, solver):
     for k in (N, K):
         probe = Probe(tiny(TI2V), N)
         x0 = wan.generate(probe, TI2V, noise, ctx, z_img=z_img, steps=N, guidance=1.0, solver=solver,
-                          grad_last_k=k, grad_window=window)
+                          grad_steps=k, grad_window=window)
         (x0 * w).sum().backward()
         grads[k] = probe.gain.grad
     full, part = grads[N], grads[K]
-    inside = torch.arange(N) >= N - K if window == "last" else torch.arange(N) < K
+    inside = torch.arange(N) >= N - K if window == "low" else torch.arange(N) < K
     assert (full.abs() > 1e-4).all()
     torch.testing.assert_close(part[inside], full[inside], rtol=1e-4, atol=1e-6)
     assert (part[~inside] == 0).all()
@@ -173,7 +173,7 @@ def test_ti2v_first_frame_and_per_token_time():
     probe = Probe(tiny(TI2V), 8)
     noise, z_img, ctx, _ = ti2v_inputs(B=2)
     x0, trace = wan.generate(probe, TI2V, noise, ctx, z_img=z_img, steps=4, guidance=1.0, solver="unipc",
-                             grad_last_k=1, return_trace=True)
+                             grad_steps=1, return_trace=True)
     assert torch.equal(x0[:, :, :1], z_img) and not torch.equal(x0[:, :, 1:], noise[:, :, 1:])
     _, timesteps = wan.schedule(4, 5.0, "unipc")
     first = 2 * 3                                               # tokens of the first latent frame
@@ -187,7 +187,7 @@ def test_ti2v_first_frame_and_per_token_time():
 def test_euler_x0_hat_is_the_output():
     noise, z_img, ctx, _ = ti2v_inputs()
     x0, trace = wan.generate(tiny(TI2V), TI2V, noise, ctx, z_img=z_img, steps=4, guidance=1.0, solver="euler",
-                             grad_last_k=2, return_trace=True)
+                             grad_steps=2, return_trace=True)
     last = trace.steps[-1]
     assert last["i"] == 3
     torch.testing.assert_close(trace.x0_hat[:, :, 1:], (last["x_t"] - last["sigma"] * last["v"])[:, :, 1:])
@@ -248,7 +248,7 @@ def test_a14b_expert_switch_and_guidance_per_expert():
     assert [len(x) for x in high.x] == [2, 2, 2] and [len(x) for x in low.x] == [1] * 5
     assert all((t >= 900).all() for t in high.t) and all((t < 900).all() for t in low.t)
     _, trace = wan.generate((high, low), A14B, noise, ctx, ctx_null, y=y, steps=8, guidance=(3.5, 1.0),
-                            solver="euler", grad_last_k=4, return_trace=True)
+                            solver="euler", grad_steps=4, return_trace=True)
     assert [s["expert"] for s in trace.steps] == [1, 1, 1, 1]   # the last K = 4 are all low-noise
 
 

@@ -122,18 +122,18 @@ def sample(experts, vae, batch, seed):
 
 def face_rewards(experts, judge):
     """R_face of each (clip, fixed noise) pair, as train.py scores it."""
-    vae, faces, batches = judge
+    vae, face_reward, batches = judge
     args = train.get_args([])
     out = []
     for batch in batches:
         for seed in SEEDS:
             with torch.no_grad():
                 video = vae.decode(sample(experts, vae, batch, seed))
-            out.append(train.face_score(faces, video, batch, args)[0].item())
+            out.append(train.face_score(face_reward, video, batch, args)[0].item())
     return out
 
 
-def run(out, *argv):
+def run_train(out, *argv):
     """train.main in this process; returns the JSONL records."""
     train.main(["--out", str(out), *argv])
     return read_log(out)
@@ -173,7 +173,7 @@ def ipro_runs(clips, base, tmp_path_factory):
     for kl in ("1", "0"):
         out = tmp_path_factory.mktemp(f"ipro_kl{kl}")
         runs[kl] = dict(out=out, seconds=time.time())
-        runs[kl]["log"] = run(out, "--data", clips, "--init", base, *IPRO, "--steps", str(IPRO_STEPS),
+        runs[kl]["log"] = run_train(out, "--data", clips, "--ckpt", base, *IPRO, "--steps", str(IPRO_STEPS),
                               "--kl-weight", kl)
         runs[kl]["seconds"] = time.time() - runs[kl]["seconds"]
     patch.undo()
@@ -190,6 +190,7 @@ def test_paper_defaults_are_the_argparse_defaults():
     assert (a.reward_weight, a.kl_weight, a.shift, a.guidance, a.solver) == (0.1, 1.0, 5.0, 1.0, "euler")
     assert (a.grad_window, a.method, a.lora_rank) == ("low", "ipro", 32)
     assert train.get_args(["--grad-window", "high"]).grad_window == "high"
+    assert train.get_args(["--init", "sft.safetensors"]).ckpt == "sft.safetensors"     # the old name still works
 
 
 def dry_run(capsys, model, *argv):
@@ -296,7 +297,7 @@ def test_an_expert_on_the_host_computes_what_it_computed_on_the_device():
 
 
 def models(base, *argv):
-    args = train.get_args(["--init", base, *COMMON, *argv])
+    args = train.get_args(["--ckpt", base, *COMMON, *argv])
     return args, train.load_models(args, CFG, CPU)
 
 
@@ -311,7 +312,7 @@ def test_fresh_model_has_kl_exactly_zero(judge, base, rank):
     assert stats["n_face"] == 1, "the SFT base should generate a face"
     noise = torch.randn(wan.latent_shape(vae, 1, CFG.frame_num, *CFG.size))
     _, trace = wan.generate(experts, CFG, noise, batch["context"], steps=8, shift=5.0, guidance=1.0, solver="euler",
-                            grad_last_k=4, return_trace=True, **wan.condition(CFG, vae, batch["image"], CFG.frame_num))
+                            grad_steps=4, return_trace=True, **wan.condition(CFG, vae, batch["image"], CFG.frame_num))
     assert len(trace.steps) == 4
     for s in trace.steps:
         with torch.no_grad(), (wan.lora_disabled(experts[-1]) if ref is None else contextlib.nullcontext()):
@@ -393,7 +394,7 @@ def test_bf16_base_and_autocast_match_fp32(clips, judge, base, tmp_path):
     cosine = torch.nn.functional.cosine_similarity(g16.double(), g32.double(), dim=0).item()
     assert cosine > 0.95, cosine
     # And the CLI end to end: one step writes a LoRA.
-    run(tmp_path, "--data", clips, "--init", base, *IPRO, "--steps", "1", "--base-dtype", "bf16",
+    run_train(tmp_path, "--data", clips, "--ckpt", base, *IPRO, "--steps", "1", "--base-dtype", "bf16",
         "--dtype", "bf16")
     assert os.path.isfile(tmp_path / "lora.safetensors")
 
@@ -440,9 +441,9 @@ def test_log_lines_have_the_fields(ipro_runs):
 def test_resume_gives_the_straight_run(ipro_runs, clips, base, tmp_path):
     straight = ipro_runs["1"]
     half = IPRO_STEPS // 2
-    argv = ["--data", clips, "--init", base, *IPRO, "--kl-weight", "1"]
-    first = run(tmp_path, *argv, "--steps", str(half))
-    resumed = run(tmp_path, *argv, "--steps", str(IPRO_STEPS), "--resume")
+    argv = ["--data", clips, "--ckpt", base, *IPRO, "--kl-weight", "1"]
+    first = run_train(tmp_path, *argv, "--steps", str(half))
+    resumed = run_train(tmp_path, *argv, "--steps", str(IPRO_STEPS), "--resume")
     assert [r["step"] for r in resumed] == list(range(1, IPRO_STEPS + 1)) and resumed[:half] == first
     for a, b in zip(resumed, straight["log"]):
         assert a["loss"] == b["loss"] and a["reward"] == b["reward"] and a["kl_steps"] == b["kl_steps"]
@@ -454,9 +455,9 @@ def test_resume_gives_the_straight_run(ipro_runs, clips, base, tmp_path):
 def test_resume_full_fine_tuning(clips, tmp_path):
     argv = ["--data", clips, "--method", "sft", *COMMON, "--lora-rank", "0", "--batch", "2", "--lr", "1e-3",
             "--save-every", "0"]
-    straight = run(tmp_path / "a", *argv, "--steps", "6")
-    run(tmp_path / "b", *argv, "--steps", "3")
-    resumed = run(tmp_path / "b", *argv, "--steps", "6", "--resume")
+    straight = run_train(tmp_path / "a", *argv, "--steps", "6")
+    run_train(tmp_path / "b", *argv, "--steps", "3")
+    resumed = run_train(tmp_path / "b", *argv, "--steps", "6", "--resume")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert max_diff(weights(tmp_path / "a" / "model.safetensors"), weights(tmp_path / "b" / "model.safetensors")) == 0
 
@@ -474,10 +475,10 @@ def torchrun(out, *argv):
 def test_torchrun_two_processes_equal_one(clips, base, tmp_path, rank, file):
     """LoRA -> DDP, full fine-tuning -> FSDP2 (gloo on CPU): the same update for the same global batch,
     and the same sample video (every rank takes part in the sharded forward, rank 0 writes)."""
-    argv = ["--data", clips, "--init", base, *COMMON, "--lora-rank", rank, "--batch", "2", "--lr", "1e-3",
+    argv = ["--data", clips, "--ckpt", base, *COMMON, "--lora-rank", rank, "--batch", "2", "--lr", "1e-3",
             "--steps", "2", "--save-every", "0", "--sample-every", "2"]
     two = torchrun(tmp_path / "two", *argv)
-    one = run(tmp_path / "one", *argv)
+    one = run_train(tmp_path / "one", *argv)
     # Adam is blind to the gradient's scale, the log is not: a sum where a mean belongs shows in grad_norm.
     for a, b in zip(two, one, strict=True):
         for key in ("loss", "grad_norm", "reward", "kl"):
@@ -566,7 +567,7 @@ def test_data_prepared_for_another_preset(demo, tmp_path, no_compute):
 
 def test_resume_from_another_model_or_rank(clips, base, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run(out, "--data", clips, "--method", "sft", "--init", base, *COMMON, "--lora-rank", "8", "--batch", "2",
+    run_train(out, "--data", clips, "--method", "sft", "--ckpt", base, *COMMON, "--lora-rank", "8", "--batch", "2",
         "--steps", "1")
     monkeypatch.setattr(train, "load_models", lambda *_: pytest.fail("models were loaded"))
     msg = fails("--data", clips, "--method", "sft", "--out", str(out), "--resume", "--lora-rank", "4")
@@ -592,7 +593,7 @@ def test_checkpoint_folder_not_writable(clips, tmp_path, no_compute):
 
 def test_sigterm_saves_and_resume_continues(clips, base, tmp_path):
     # SFT steps (a LoRA on the base) are the cheapest; the signal handling is the same for both methods.
-    argv = ["--data", clips, "--method", "sft", "--init", base, *IPRO]
+    argv = ["--data", clips, "--method", "sft", "--ckpt", base, *IPRO]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "w") as err:     # a file, not a pipe: tqdm must never block on it
         proc = subprocess.Popen([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, "--steps", "1000"],
@@ -608,7 +609,7 @@ def test_sigterm_saves_and_resume_continues(clips, base, tmp_path):
     steps = len(read_log(tmp_path / "run"))
     assert 1 <= steps < 1000
     assert torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["step"] == steps
-    resumed = run(tmp_path / "run", *argv, "--steps", str(steps + 1), "--resume")
+    resumed = run_train(tmp_path / "run", *argv, "--steps", str(steps + 1), "--resume")
     assert [r["step"] for r in resumed] == list(range(1, steps + 2))
 
 
@@ -627,7 +628,7 @@ def test_non_finite_loss_skips_and_stops(clips, base, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "ipro_loss", poisoned)
     monkeypatch.setattr(train, "save_checkpoint", save)
     with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
-        run(tmp_path, "--data", clips, "--init", base, *IPRO, "--batch", "1", "--steps", "10", "--save-every", "1",
+        run_train(tmp_path, "--data", clips, "--ckpt", base, *IPRO, "--batch", "1", "--steps", "10", "--save-every", "1",
             "--max-bad-steps", "2")
     log = read_log(tmp_path)
     assert [r["skipped"] for r in log] == [False, False, True, True]
@@ -657,7 +658,7 @@ def test_cfg_runs_with_the_negative_prompt_prepare_wrote(demo, base, judge, tmp_
     plain = train.ipro_loss(train.get_args([*COMMON, "--lora-rank", "8"]), CFG, m, batch, 0, [0])[1]["reward"]
     assert len({rewards["neg"], rewards["zeros"], plain}) == 3   # the negative context and the scale both act
     shutil.copy(os.path.join(demo, data.NEGATIVE_CONTEXT), d)
-    log = run(tmp_path / "cfg", "--data", d, "--init", base, *IPRO, "--steps", "1", "--guidance", "3")
+    log = run_train(tmp_path / "cfg", "--data", d, "--ckpt", base, *IPRO, "--steps", "1", "--guidance", "3")
     assert len(log) == 1 and not log[0]["skipped"]
 
 # -----------------------------------------------------------------------------
@@ -687,7 +688,7 @@ def tiny_batch():
 def test_kl_ignores_the_first_latent_frame_of_ti2v(monkeypatch):
     """TI2V: the sampler throws away the velocity of latent frame 0 (the image latent replaces it), so a
     policy that differs from the reference only there has KL exactly 0; on frame 1 it does not."""
-    monkeypatch.setattr(train, "face_score", lambda faces, video, batch, args: (video.sum() * 0.0, 0, 0.0, 0))
+    monkeypatch.setattr(train, "face_score", lambda face_reward, video, batch, args: (video.sum() * 0.0, 0, 0.0, 0))
     torch.manual_seed(0)
     ref = wan.WanModel(CFG).eval()
     with torch.no_grad():
@@ -726,18 +727,19 @@ def test_a14b_sft_trains_the_low_noise_expert_below_the_boundary():
 def test_score_first_counts_inputs_without_a_face():
     """--score first: a sample whose input image shows no face is counted and left out of R_face, not
     scored against the pool; the other sample of the batch is scored as usual."""
-    faces = reward.load_face_models()
+    face_reward = reward.load_face_models()
     face = torch.from_numpy(reward.read_image(os.path.join(ROOT, "assets", "faces", "person_a_2.jpg"))).float()
     face = torch.nn.functional.interpolate(face.permute(2, 0, 1)[None], size=(176, 144), mode="area")[0] / 127.5 - 1
     video = face[None, :, None].repeat(2, 1, 3, 1, 1)                        # (2, 3, 3, H, W): both show the face
-    pool, _ = faces.embed_images(video[0].transpose(0, 1))
+    pool, _ = face_reward.embed_images(video[0].transpose(0, 1))
     batch = dict(pool_emb=[pool, pool], pool_frames=[torch.arange(3)] * 2,
                  image=torch.stack([face, torch.zeros_like(face)]))           # sample 1: a gray input image
-    R, n_face, _, no_input_face = train.face_score(faces, video, batch, train.get_args(["--score", "first"]))
+    R, n_face, _, no_input_face = train.face_score(face_reward, video, batch, train.get_args(["--score", "first"]))
     assert (n_face, no_input_face) == (1, 1)
-    alone = train.face_score(faces, video[:1], {k: v[:1] for k, v in batch.items()}, train.get_args(["--score", "first"]))
+    alone = train.face_score(face_reward, video[:1], {k: v[:1] for k, v in batch.items()},
+                             train.get_args(["--score", "first"]))
     assert R.item() == pytest.approx(alone[0].item(), abs=1e-6)
-    assert train.face_score(faces, video, batch, train.get_args([]))[1:] == (2, 1.0, 0)   # pool mode: both scored
+    assert train.face_score(face_reward, video, batch, train.get_args([]))[1:] == (2, 1.0, 0)   # pool mode: both scored
 
 
 @pytest.mark.parametrize("rank", ["0", "4"])
@@ -798,7 +800,7 @@ def numbers(log):
 
 def test_an_existing_run_is_never_replaced_by_accident(clips, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    first = run(out, "--data", clips, *FAST, "--steps", "3", "--save-every", "1")
+    first = run_train(out, "--data", clips, *FAST, "--steps", "3", "--save-every", "1")
     before = {f: (out / f).read_bytes() for f in ("train.jsonl", "model.safetensors", "resume.pt")}
     real_load = train.load_models
     monkeypatch.setattr(train, "load_models", lambda *_: pytest.fail("models were loaded"))
@@ -806,7 +808,7 @@ def test_an_existing_run_is_never_replaced_by_accident(clips, tmp_path, monkeypa
     assert f"--out {out} already holds a training run" in msg and "--resume" in msg and "--overwrite" in msg
     assert {f: (out / f).read_bytes() for f in before} == before
     monkeypatch.setattr(train, "load_models", real_load)
-    replaced = run(out, "--data", clips, *FAST, "--steps", "1", "--overwrite")
+    replaced = run_train(out, "--data", clips, *FAST, "--steps", "1", "--overwrite")
     assert numbers(replaced) == numbers(first[:1]) and first[0]["grad_norm"] > 0 and torch.load(out / "resume.pt", weights_only=True)["step"] == 1
     # Files are written like any other the user makes (safetensors alone would make them 0600).
     umask = os.umask(0)
@@ -829,7 +831,7 @@ def test_a_kill_inside_a_checkpoint_save_resumes_exactly_or_refuses(point, clips
     """Killed at each point of the save of step 3 (of 3, saving every step), then --resume: the run
     either ends with the straight run's log and weights, bit for bit, or refuses; never a silent mix."""
     argv = ["--data", clips, *FAST, "--steps", "3", "--save-every", "1"]
-    straight = run(tmp_path / "straight", *argv)
+    straight = run_train(tmp_path / "straight", *argv)
     armed = {"on": False}
     real_save, real_replace = train.save_checkpoint, os.replace
     real_torch_save = torch.save
@@ -866,10 +868,10 @@ def test_a_kill_inside_a_checkpoint_save_resumes_exactly_or_refuses(point, clips
         monkeypatch.setattr(torch, "save", half_written(real_torch_save))
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Killed):
-        run(tmp_path / "run", *argv)
+        run_train(tmp_path / "run", *argv)
     monkeypatch.undo()
     try:
-        resumed = run(tmp_path / "run", *argv, "--resume")
+        resumed = run_train(tmp_path / "run", *argv, "--resume")
     except SystemExit as err:
         assert "lost" in point, f"refused where the run could go on: {err.code}"
         assert "from step 3 but" in str(err.code) and "from step 2" in str(err.code)
@@ -887,7 +889,7 @@ def test_a_kill_inside_a_checkpoint_save_resumes_exactly_or_refuses(point, clips
 def test_resume_refuses_changed_settings_unless_told(clips, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["--data", clips, *FAST, "--save-every", "1"]
-    run(out, *argv, "--steps", "1")
+    run_train(out, *argv, "--steps", "1")
     real_load = train.load_models
     monkeypatch.setattr(train, "load_models", lambda *_: pytest.fail("models were loaded"))
     with pytest.raises(SystemExit) as err:
@@ -899,7 +901,7 @@ def test_resume_refuses_changed_settings_unless_told(clips, tmp_path, monkeypatc
         assert change in msg
     assert "--resume-override" in msg and "--steps" not in msg
     monkeypatch.setattr(train, "load_models", real_load)
-    log = run(out, *argv, "--steps", "2", "--resume", "--lr", "1e-3", "--resume-override")
+    log = run_train(out, *argv, "--steps", "2", "--resume", "--lr", "1e-3", "--resume-override")
     assert [r["lr"] for r in log] == [1e-2, 1e-3]
 
 
@@ -917,12 +919,12 @@ def test_impossible_settings_stop_before_any_model(flags, message, clips, tmp_pa
     assert message in msg
 
 
-def test_non_finite_init_weights_are_named(clips, tmp_path):
+def test_non_finite_starting_weights_are_named(clips, tmp_path):
     sd = wan.WanModel(CFG).state_dict()
     sd["blocks.0.ffn.0.weight"][0, 0] = float("nan")
     from safetensors.torch import save_file
     save_file(sd, str(tmp_path / "nan.safetensors"))
-    msg = fails("--data", clips, "--out", str(tmp_path / "out"), "--init", str(tmp_path / "nan.safetensors"))
+    msg = fails("--data", clips, "--out", str(tmp_path / "out"), "--ckpt", str(tmp_path / "nan.safetensors"))
     print(msg)
     assert "nan.safetensors: non-finite values" in msg
 
@@ -931,6 +933,6 @@ def test_a_run_that_never_saved_does_not_claim_a_checkpoint(clips, tmp_path, mon
     real = train.sft_loss
     monkeypatch.setattr(train, "sft_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
     with pytest.raises(SystemExit) as err:
-        run(tmp_path, "--data", clips, *FAST, "--steps", "5", "--max-bad-steps", "2")
+        run_train(tmp_path, "--data", clips, *FAST, "--steps", "5", "--max-bad-steps", "2")
     print(err.value.code)
     assert "no checkpoint was written" in str(err.value.code) and "intact" not in str(err.value.code)
