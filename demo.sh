@@ -4,7 +4,7 @@
 #   bash demo.sh ablations [OUT]    the paper's ablations in the same world (about 45 min)
 #   bash demo.sh base [OUT]         re-train the shipped base model (assets/tiny_base.safetensors)
 # 1. data.py demo: clips filmed from photos shipped inside pip packages with a moving camera, plus
-#    pseudo-identities made from the training photos only; 4 real people are held out, never seen
+#    pseudo-identities made from the training photos only; 3 real people (4 photos, 32 clips) are held out, never seen
 #    in any form (not even as part of a pseudo-identity);
 # 2. the base: the tiny image-to-video model trained once from scratch with flow matching on that
 #    world (`bash demo.sh base`, the SFT method) and shipped in assets/, like its VAE;
@@ -36,7 +36,7 @@ fi
 
 if [[ $MODE == ablations ]]; then
     # Each variant differs from IPRO in one choice (paper Tables 4-6), all from the same base.
-    python train.py $COMMON $IPRO --out "$OUT/ipro"
+    [[ -f $OUT/ipro/model.safetensors ]] || python train.py $COMMON $IPRO --out "$OUT/ipro"   # the demo's run
     python train.py $COMMON $IPRO --out "$OUT/no_kl" --kl-weight 0
     python train.py $COMMON $IPRO --out "$OUT/no_fsm" --score first
     python train.py $COMMON $IPRO --out "$OUT/high_window" --grad-window high
@@ -58,12 +58,13 @@ if [[ $MODE == ablations ]]; then
     exit 0
 fi
 
+REF=assets/demo_reference.json
 python train.py $COMMON $IPRO --out "$OUT/ipro"
 python eval.py $EVAL --ckpt "$OUT/ipro/model.safetensors" --train-log "$OUT/ipro/train.jsonl" --out "$OUT/eval" \
-    --reference assets/demo_reference.json > "$OUT/eval.log"
+    --reference $REF > "$OUT/eval.log"
 # The same comparison on 16 clips of the people IPRO trained on: the reward at work, before transfer.
 python eval.py $EVAL --split train --max-clips 16 --ckpt "$OUT/ipro/model.safetensors" --out "$OUT/eval_train" \
-    --reference assets/demo_reference.json > "$OUT/eval_train.log"
+    --reference $REF > "$OUT/eval_train.log"
 echo "== held-out people ($OUT/eval/index.html) =="
 cat "$OUT/eval/table.md"
 echo "== people IPRO trained on ($OUT/eval_train/table.md) =="

@@ -877,6 +877,9 @@ def compare_reference(summary, args):
     """The paired IPRO - base changes of this run against a reference run's (a JSON file:
     {"tolerance": t, split: {row label: {evaluator: paired change}}}): one line per number,
     then "reproduced: yes/no". Returns whether every number is within the tolerance."""
+    if not os.path.exists(args.reference):
+        print(f"reproduced: not checked, no reference file {args.reference}")
+        return False
     with open(args.reference) as fh:
         ref = json.load(fh)
     lines, ok = [], True
