@@ -505,3 +505,7 @@ def test_reference_comparison_says_reproduced_only_within_the_tolerance(tmp_path
     assert "reproduced (eval split): no" in out and "reward: +0.0650 here, +0.0500 in the reference: OUTSIDE" in out
     assert not ev.compare_reference({"base": {}}, args)                     # a row that is missing counts as not
     assert "missing here" in capsys.readouterr().out
+    ref.write_text(json.dumps({"tolerance": {"dlib": 0.002, "reward": 0.02}, "eval": {
+        "ipro": {"dlib": {"diff": 0.020}, "reward": {"diff": 0.050}}}}))      # one tolerance per evaluator
+    assert ev.compare_reference(summary(0.021, 0.065), args)
+    assert not ev.compare_reference(summary(0.025, 0.050), args)
