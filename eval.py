@@ -910,7 +910,10 @@ def identity_stats(args):
         tensors, meta = data.read_record(os.path.join(folder, name), ["first_frame"])
         clips.append((meta["identity"], meta["clip_id"].rsplit("_c", 1)[0], tensors["first_frame"].numpy()))
     recipes_path = os.path.join(args.data, "videos", "pseudo_identities.json")
-    recipes = json.load(open(recipes_path)) if os.path.exists(recipes_path) else {}
+    recipes = {}
+    if os.path.exists(recipes_path):
+        with open(recipes_path) as fh:
+            recipes = json.load(fh)
     photo_identity = {photo: ident for ident, photo, _ in clips}
     frames = np.stack([f for _, _, f in clips])
     found = face_reward.detect(frames)
@@ -923,7 +926,7 @@ def identity_stats(args):
             if ia in recipes and ib in recipes:
                 return "two pseudo-identities"
             made, other = (ia, pb) if ia in recipes else (ib, pa)
-            parents = {photo_identity.get(recipes[made]["host"]): "its host", photo_identity.get(recipes[made]["donor"]): "its donor"}
+            parents = {photo_identity.get(recipes[made][part]): f"its {part}" for part in ("host", "donor")}
             return f"pseudo-identity and {parents.get(photo_identity.get(other), 'another real person')}"
         return "two real people"
     stats = {}
