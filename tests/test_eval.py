@@ -509,3 +509,18 @@ def test_reference_comparison_says_reproduced_only_within_the_tolerance(tmp_path
         "ipro": {"dlib": {"diff": 0.020}, "reward": {"diff": 0.050}}}}))      # one tolerance per evaluator
     assert ev.compare_reference(summary(0.021, 0.065), args)
     assert not ev.compare_reference(summary(0.025, 0.050), args)
+
+
+def test_identity_stats_separate_people_and_name_every_kind_of_pair(tmp_path):
+    """eval.py --identity-stats on a small demo world: the same person's clips are closer than two
+    real people's, and every kind of pair the pseudo-identities make is reported."""
+    world = tmp_path / "world"
+    data.build_demo(data.get_args(["demo", "--out", str(world), "--clips", "2", "--eval-clips", "1",
+                                   "--pseudo", "3"]))
+    stats = ev.identity_stats(ev.get_args(["--data", str(world), "--identity-stats", "--evaluator", "reward",
+                                           "--out", str(tmp_path / "out")]))["reward"]
+    assert {"same person, same photo", "same person, another photo", "two real people", "two pseudo-identities",
+            "pseudo-identity and its host", "pseudo-identity and its donor"} <= set(stats)
+    assert stats["same person, same photo"]["mean"] > stats["same person, another photo"]["mean"] \
+        > stats["two real people"]["mean"]
+    assert os.path.exists(tmp_path / "out" / "identity_stats.json")
