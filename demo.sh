@@ -2,6 +2,7 @@
 # The CPU demo: IPRO end to end on real faces, fp32, on 2 cores.
 #   bash demo.sh [OUT]              IPRO on the shipped base, evaluated on held-out people (about 12 min)
 #   bash demo.sh ablations [OUT]    the paper's ablations in the same world (about 45 min)
+#   bash demo.sh sweep [OUT]        the reward/KL balance judged on training clips only (about 25 min)
 #   bash demo.sh base [OUT]         re-train the shipped base model (assets/tiny_base.safetensors)
 # 1. data.py demo: clips filmed from photos shipped inside pip packages with a moving camera, plus
 #    pseudo-identities made from the training photos only; 3 real people (4 photos, 32 clips) are held out, never seen
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=demo
-if [[ ${1:-} == base || ${1:-} == ablations ]]; then MODE=$1; shift; fi
+if [[ ${1:-} == base || ${1:-} == ablations || ${1:-} == sweep ]]; then MODE=$1; shift; fi
 OUT=${1:-runs/demo}
 VAE=assets/tiny_vae.safetensors
 BASE=assets/tiny_base.safetensors
@@ -55,6 +56,23 @@ if [[ $MODE == ablations ]]; then
     cat "$OUT/ablations_eval/table.md"
     echo "== training people ($OUT/ablations_eval_train/table.md) =="
     grep -- " vs base" "$OUT/ablations_eval_train/table.md"
+    exit 0
+fi
+
+if [[ $MODE == sweep ]]; then
+    # Weaker KL against the reward, scored on 16 training clips only (never on held-out people):
+    # the paper's weights, the authors' code's normalisation (6.25x the reward), KL 0.04, no KL.
+    [[ -f $OUT/ipro/model.safetensors ]] || python train.py $COMMON $IPRO --out "$OUT/ipro"
+    [[ -f $OUT/no_kl/model.safetensors ]] || python train.py $COMMON $IPRO --out "$OUT/no_kl" --kl-weight 0
+    python train.py $COMMON $IPRO --out "$OUT/roll_norm" --reward-center 0.54 --reward-scale 0.16
+    python train.py $COMMON $IPRO --out "$OUT/kl004" --kl-weight 0.04
+    ARGS=""
+    for run in ipro roll_norm kl004 no_kl; do
+        ARGS="$ARGS --ckpt $OUT/$run/model.safetensors --train-log $OUT/$run/train.jsonl"
+    done
+    python eval.py $EVAL --split train --max-clips 16 $ARGS --out "$OUT/sweep_eval_train" > "$OUT/sweep_eval_train.log"
+    echo "== training people only ($OUT/sweep_eval_train/table.md) =="
+    cat "$OUT/sweep_eval_train/table.md"
     exit 0
 fi
 
