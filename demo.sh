@@ -2,7 +2,7 @@
 # The CPU demo: IPRO end to end on real faces, fp32, on 2 cores.
 #   bash demo.sh [OUT]              IPRO on the shipped base, evaluated on held-out people (about 12 min)
 #   bash demo.sh ablations [OUT]    the paper's ablations in the same world (about 45 min)
-#   bash demo.sh sweep [OUT]        the reward/KL balance judged on training clips only (about 25 min)
+#   bash demo.sh sweep [OUT]        the reward/KL balance judged on training clips only (about 25 min, estimated)
 #   bash demo.sh base [OUT]         re-train the shipped base model (assets/tiny_base.safetensors)
 # 1. data.py demo: clips filmed from photos shipped inside pip packages with a moving camera, plus
 #    pseudo-identities made from the training photos only; 3 real people (4 photos, 32 clips) are held out, never seen
