@@ -338,7 +338,11 @@ class WanModel(nn.Module):
             e = self.time_embedding(sinusoid(cfg.freq_dim, tt).float())      # (B, 1 or L, dim) or (U, dim)
             e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim)).movedim(-2, 0)  # (6, B, 1 or L, dim) / (6, U, dim)
             if index is not None:
-                e, e0 = e[index], e0[:, index]                               # (B, L, dim), (6, B, L, dim)
+                # Back to tokens by a one-hot matmul, not e[index]: the same values, but indexing's
+                # backward adds into shared rows from several threads, in an order that changes run
+                # to run, and a seeded CPU run would not repeat itself.
+                pick = F.one_hot(index, tt.shape[0]).to(e.dtype)              # (B, L, U)
+                e, e0 = pick @ e, pick @ e0[:, None]                          # (B, L, dim), (6, B, L, dim)
             e0 = e0.contiguous().unbind(0)                                   # 6 x (B, 1 or L, dim)
 
         # Text: pad to text_len with zeros before embedding; padded rows are attended.

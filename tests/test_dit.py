@@ -99,6 +99,28 @@ def test_unpadded_list_context_equals_padded_tensor():
     assert torch.equal(a, b)
 
 
+def test_backward_with_per_token_time_repeats_exactly_on_two_threads():
+    """A seeded CPU run must repeat itself bit for bit. Per-token time goes through the time MLPs
+    once per distinct value and back to the tokens; indexing back would make backward add into
+    the same rows from both threads in a varying order."""
+    cfg = small_config()
+    model = randomized(wan.WanModel(cfg))
+    x, ctx = torch.randn(4, cfg.in_dim, 3, 16, 16), padded_contexts(cfg, [5, 7, 9, 11])
+    t = torch.tensor([0.0] * 64 + [900.0] * 128).repeat(4, 1)
+    t[2:, 64:] = 300.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            model.zero_grad()
+            model(x, t, ctx).square().mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.time_embedding.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
 @torch.no_grad()
 def test_per_sample_time_equals_constant_per_token_time():
     cfg = small_config()
