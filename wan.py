@@ -29,6 +29,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
+# imageio-ffmpeg starts every ffmpeg with a preexec_fn (to keep Ctrl-C from it), which makes Python
+# copy this whole process at each start instead of vfork: ~40 ms per mp4 once torch is loaded, a
+# minute of the demo's 12. Without it, Ctrl-C also stops ffmpeg, which is what a user wants here.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 # -----------------------------------------------------------------------------
 # Config presets
 

@@ -469,3 +469,10 @@ def test_held_out_people_never_appear_in_the_training_data_in_any_form(world, fa
     own = min(float((t["pool_emb"] @ torch.stack(refs[m["identity"]]).T).max(1).values.mean())
               for t, m in records if m["split"] == "eval")
     assert worst < own, (worst, own)    # the closest training face is farther than any held-out clip's own
+
+
+def test_ffmpeg_starts_without_copying_the_process():
+    """Every mp4 read or written starts an ffmpeg; with imageio-ffmpeg's default preexec_fn Python
+    copies the whole (torch-sized) process for each, a minute of the demo. wan clears it."""
+    import imageio_ffmpeg._utils as ffmpeg_utils
+    assert ffmpeg_utils._popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
