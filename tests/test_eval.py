@@ -516,6 +516,23 @@ def test_reference_comparison_says_reproduced_only_within_the_tolerance(tmp_path
     assert not ev.compare_reference(summary(0.025, 0.050), args)
 
 
+def test_the_shipped_demo_reference_is_read_as_demo_sh_uses_it(tmp_path, capsys):
+    """assets/demo_reference.json: both splits demo.sh compares, both evaluators, and its own numbers
+    reproduce it while a change of twice the tolerance does not."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_reference.json")
+    with open(path) as fh:
+        ref = json.load(fh)
+    for split in ("eval", "train"):
+        args = ev.get_args(["--data", ".", "--out", str(tmp_path), "--reference", path, "--split", split])
+        want = ref[split]["ipro"]
+        assert set(want) == {"dlib", "reward"} == set(ref["tolerance"])
+        same = {"ipro": {n: {"vs_first": dict(w, ref="base")} for n, w in want.items()}}
+        assert ev.compare_reference(same, args)
+        off = {"ipro": {n: {"vs_first": dict(w, diff=w["diff"] + 2 * ref["tolerance"][n])} for n, w in want.items()}}
+        assert not ev.compare_reference(off, args)
+    capsys.readouterr()
+
+
 def test_identity_stats_separate_people_and_name_every_kind_of_pair(tmp_path):
     """eval.py --identity-stats on a small demo world: the same person's clips are closer than two
     real people's, and every kind of pair the pseudo-identities make is reported."""
