@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo: IPRO end to end on real faces, fp32, on 2 cores.
-#   bash demo.sh [OUT]              IPRO on the shipped base, evaluated on held-out people (about 12 min)
+#   bash demo.sh [OUT]              IPRO on the shipped base, evaluated on held-out people (about 11 min)
 #   bash demo.sh ablations [OUT]    the paper's ablations in the same world (about 45 min)
 #   bash demo.sh sweep [OUT]        the reward/KL balance judged on training clips only (about 25 min, estimated)
 #   bash demo.sh base [OUT]         re-train the shipped base model (assets/tiny_base.safetensors)
